@@ -1,0 +1,7 @@
+class ErcDataError(Exception):
+    """Bad or missing input. The message is one line and starts with the offending file."""
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
