@@ -17,6 +17,8 @@ _ALLOWED = {("builtins", "set"), ("builtins", "frozenset"), ("builtins", "comple
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
+        if module == "__builtin__":  # Python 2 name, used by protocols 0-2 (super() maps it too)
+            module = "builtins"
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refused global {module}.{name}: only plain containers, numbers and strings")
@@ -31,5 +33,7 @@ def load_restricted(path):
         raise ErcDataError(path, f"cannot read: {e.strerror}") from None
     try:
         return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
-        raise ErcDataError(path, f"unsafe or corrupt pickle ({e})") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            OverflowError, MemoryError) as e:  # the last two: absurd lengths in a corrupt file
+        detail = " ".join(str(e).split()) or type(e).__name__  # one line, never empty
+        raise ErcDataError(path, f"unsafe or corrupt pickle ({detail})") from None

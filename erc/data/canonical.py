@@ -100,11 +100,13 @@ def check_features(values: np.ndarray, *, source, dim: int | None = None, rows: 
         raise ErcDataError(source, f"wrong feature dim: {values.shape[1]}, expected {dim}")
     if rows is not None and values.shape[0] != rows:
         raise ErcDataError(source, f"{values.shape[0]} feature rows for {rows} utterances")
+    with np.errstate(over="ignore", invalid="ignore"):  # checked after the cast: 1e39 is inf in float32
+        values = values.astype(np.float32, copy=False)
     bad = ~np.isfinite(values)
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
         raise ErcDataError(source, f"{int(bad.sum())} NaN/inf feature values (first in row {row})")
-    return values.astype(np.float32, copy=False)
+    return values
 
 
 def validate(prep: Prepared, *, where, expected_dialogues=None) -> None:

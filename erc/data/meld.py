@@ -29,7 +29,10 @@ def read_split(path) -> pd.DataFrame:
         raw = path.read_bytes()
     except OSError as e:
         raise ErcDataError(path, f"cannot read: {e.strerror}") from None
-    df = read_csv(io.StringIO(decode(raw)), columns=None, dtype=str, keep_default_na=False)
+    try:
+        df = read_csv(io.StringIO(decode(raw)), columns=None, dtype=str, keep_default_na=False)
+    except ErcDataError as e:  # read_csv names the in-memory buffer; name the file instead
+        raise ErcDataError(path, e.problem) from None
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ErcDataError(path, f"missing column(s) {missing}; has {list(df.columns)}")

@@ -1,0 +1,156 @@
+"""Prepared datasets as dialogues, and dialogues as padded batches: what every model consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from erc.data.canonical import Prepared
+
+IGNORE = -100  # label value for padding and unlabelled utterances (cross_entropy's ignore_index)
+
+
+@dataclass
+class Batch:
+    """A batch of B dialogues padded to T utterances.
+
+    features:      {modality: (B, T, D_m) float}
+    modality_mask: {modality: (B, T) bool}  utterance present and this modality available for it
+    mask:          (B, T) bool  real (not padded) utterances
+    speakers:      (B, T) long  speaker index within the dialogue by first appearance (0 for padding)
+    labels:        (B, T) long  the dataset's target class, IGNORE where padded or unlabelled
+    sentiment:     (B, T) long  sentiment class where the dataset has one besides the target, else IGNORE
+    score:         (B, T) float continuous sentiment, NaN where none
+    rows:          (B, T) long  row of the utterance in the prepared table, -1 for padding
+    """
+
+    features: dict[str, torch.Tensor]
+    modality_mask: dict[str, torch.Tensor]
+    mask: torch.Tensor
+    speakers: torch.Tensor
+    labels: torch.Tensor
+    sentiment: torch.Tensor
+    score: torch.Tensor
+    rows: torch.Tensor
+
+    def to(self, device) -> "Batch":
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = {k: v.to(device) for k, v in value.items()} if isinstance(value, dict) else value.to(device)
+        return Batch(**moved)
+
+    @property
+    def num_utterances(self) -> int:
+        return int(self.mask.sum())
+
+
+@dataclass
+class Dialogue:
+    rows: np.ndarray  # table rows, in turn order
+    speakers: np.ndarray
+    labels: np.ndarray
+    sentiment: np.ndarray
+    score: np.ndarray
+
+
+class DialogueData:
+    """One split's dialogues plus the (standardised) feature matrices they index into."""
+
+    def __init__(self, dialogues: list[Dialogue], features: dict[str, np.ndarray], present: dict[str, np.ndarray]):
+        self.dialogues = dialogues
+        self.features = features
+        self.present = present
+
+    def __len__(self) -> int:
+        return len(self.dialogues)
+
+    @property
+    def num_utterances(self) -> int:
+        return int(sum(len(d.rows) for d in self.dialogues))
+
+    def collate(self, indices) -> Batch:
+        chosen = [self.dialogues[i] for i in indices]
+        B, T = len(chosen), max(len(d.rows) for d in chosen)
+        rows = np.full((B, T), -1, dtype=np.int64)
+        speakers = np.zeros((B, T), dtype=np.int64)
+        labels = np.full((B, T), IGNORE, dtype=np.int64)
+        sentiment = np.full((B, T), IGNORE, dtype=np.int64)
+        score = np.full((B, T), np.nan, dtype=np.float32)
+        for b, d in enumerate(chosen):
+            n = len(d.rows)
+            rows[b, :n], speakers[b, :n], labels[b, :n] = d.rows, d.speakers, d.labels
+            sentiment[b, :n], score[b, :n] = d.sentiment, d.score
+        mask = rows >= 0
+        safe = np.where(mask, rows, 0)
+        features, modality_mask = {}, {}
+        for m, matrix in self.features.items():
+            feats = matrix[safe]
+            feats[~mask] = 0.0
+            features[m] = torch.from_numpy(feats)
+            modality_mask[m] = torch.from_numpy(mask & self.present[m][safe])
+        return Batch(features, modality_mask, torch.from_numpy(mask), torch.from_numpy(speakers),
+                     torch.from_numpy(labels), torch.from_numpy(sentiment), torch.from_numpy(score),
+                     torch.from_numpy(rows))
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, shard: tuple[int, int] = (0, 1)):
+        """Yield batches of `batch_size` dialogues; `shard=(rank, world)` takes every world-th batch.
+
+        Shuffling sorts by length inside buckets of 10 batches, so padding stays small while the batch
+        composition still changes from epoch to epoch.
+        """
+        order = np.arange(len(self.dialogues))
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(order)
+            lengths = np.array([len(self.dialogues[i].rows) for i in order])
+            bucket = batch_size * 10
+            order = np.concatenate([order[s:s + bucket][np.argsort(-lengths[s:s + bucket], kind="stable")]
+                                    for s in range(0, len(order), bucket)])
+            starts = np.random.default_rng(seed + 1).permutation(np.arange(0, len(order), batch_size))
+        else:
+            starts = np.arange(0, len(order), batch_size)
+        rank, world = shard
+        # Every rank must take the same number of steps (DDP), so wrap around to fill the last round.
+        starts = np.concatenate([starts, starts[: (-len(starts)) % world]])
+        for start in starts[rank::world]:
+            yield self.collate(order[start:start + batch_size])
+
+
+def feature_stats(prep: Prepared, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of a feature set over the training split's present rows."""
+    fs = prep.features[name]
+    train = (prep.table["split"] == "train").to_numpy()
+    if fs.present is not None:
+        train &= fs.present
+    values = fs.values[train].astype(np.float64)
+    return values.mean(0).astype(np.float32), np.maximum(values.std(0), 1e-6).astype(np.float32)
+
+
+def split_data(prep: Prepared, split: str, inputs: dict[str, str], target: str,
+               stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> DialogueData:
+    """The dialogues of one split. `inputs` maps modality -> feature set; `target` is emotion or sentiment."""
+    t = prep.table
+    features, present = {}, {}
+    for modality, name in inputs.items():
+        fs = prep.features[name]
+        mean, std = stats[name]
+        features[modality] = ((fs.values - mean) / std).astype(np.float32)
+        if fs.present is not None:
+            features[modality][~fs.present] = 0.0
+        present[modality] = fs.present if fs.present is not None else np.ones(len(t), dtype=bool)
+    labels = t[f"{target}_id"].to_numpy().astype(np.int64)
+    labels[labels < 0] = IGNORE
+    other = "sentiment" if target == "emotion" else None
+    sentiment = t["sentiment_id"].to_numpy().astype(np.int64) if other else np.full(len(t), IGNORE)
+    sentiment[sentiment < 0] = IGNORE
+    score = t["sentiment_score"].to_numpy().astype(np.float32)
+    dialogues = []
+    part = t.index[t["split"] == split]
+    for _, idx in t.loc[part].groupby("dialogue_id", sort=False).groups.items():
+        rows = np.asarray(idx, dtype=np.int64)
+        speakers = t.loc[rows, "speaker"].to_numpy()
+        first = {s: i for i, s in enumerate(dict.fromkeys(speakers))}
+        dialogues.append(Dialogue(rows, np.array([first[s] for s in speakers]), labels[rows], sentiment[rows], score[rows]))
+    return DialogueData(dialogues, features, present)

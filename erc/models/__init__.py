@@ -1,0 +1,62 @@
+"""The model interface every erc model implements, and the registry that params.yaml picks from.
+
+A model is an `nn.Module` built as `Model(config, spec)`:
+- `config`: the model's own dataclass (`Model.Config`), filled from params;
+- `spec`: what the data gives it (`ModelSpec`: feature dim per modality, classes, score head or not).
+`forward(batch: Batch) -> ModelOutput` returns per-utterance logits (and a sentiment score where the
+dataset has one) and a dict of named, already-weighted loss terms whose sum is the training loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+MODELS: dict[str, type] = {}
+
+
+@dataclass
+class ModelSpec:
+    input_dims: dict[str, int]  # modality -> feature dim
+    num_classes: int
+    num_sentiment_classes: int = 0  # a second classification task (MELD sentiment), 0 = none
+    has_score: bool = False  # continuous sentiment regression (MOSI)
+    class_weights: list[float] | None = None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, C)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # named terms; loss = their sum
+    score: torch.Tensor | None = None  # (B, T) continuous sentiment
+    sentiment_logits: torch.Tensor | None = None  # (B, T, C_sentiment)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. gate weights
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return sum(self.losses.values())
+
+
+def register(name: str):
+    def add(cls):
+        MODELS[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return add
+
+
+def build_model(name: str, spec: ModelSpec, overrides: dict | None = None) -> torch.nn.Module:
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
+    cls = MODELS[name]
+    known = {f.name for f in dataclasses.fields(cls.Config)}
+    unknown = set(overrides or {}) - known
+    if unknown:
+        raise KeyError(f"model {name}: unknown config keys {sorted(unknown)}; known: {sorted(known)}")
+    return cls(cls.Config(**(overrides or {})), spec)
+
+
+from erc.models import baseline  # noqa: E402,F401  (registers)

@@ -1,0 +1,50 @@
+"""Stage `leaderboard`: the train stages' MLflow runs -> reports/leaderboard.{csv,md}, DVC metrics and plots.
+
+    python pipelines/leaderboard.py runs/*/*.json --out reports
+"""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from erc import leaderboard
+from erc.io import atomic_path, write_json
+from erc.params import stage_main
+from erc.tracking import tracking_uri
+
+
+@stage_main
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("run_files", nargs="+", help="train stage outputs (JSON lists of MLflow run ids)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    client = mlflow.MlflowClient(tracking_uri())
+    runs = leaderboard.fetch_runs(client, leaderboard.run_ids_from(sorted(args.run_files)))
+    board = leaderboard.summarise(runs)
+    out = Path(args.out)
+    with atomic_path(out / "leaderboard.csv") as tmp:
+        board.to_csv(tmp, index=False, float_format="%.4f")
+    with atomic_path(out / "leaderboard.md") as tmp:
+        tmp.write_text(leaderboard.to_markdown(board))
+    write_json(out / "metrics.json", leaderboard.dvc_metrics(board))
+
+    # DVC confusion plots: the test predictions of every seed, pooled, per (dataset, model).
+    with atomic_path(out / "confusion") as tmp_dir:
+        tmp_dir.mkdir()
+        for (dataset, model), part in runs.groupby(["dataset", "model"]):
+            frames = []
+            for run_id in part["run_id"]:
+                with tempfile.TemporaryDirectory() as dl:
+                    path = client.download_artifacts(run_id, "test_predictions.csv", dl)
+                    frames.append(pd.read_csv(path)[["actual", "predicted"]])
+            pd.concat(frames).to_csv(tmp_dir / f"{dataset}_{model}.csv", index=False)
+    print(leaderboard.to_markdown(board))
+
+
+if __name__ == "__main__":
+    main()
