@@ -204,7 +204,9 @@ def train_loop_per_worker(config: dict) -> None:
             client.log_batch(cfg.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if rank == 0:
+            # Checkpoint only on a strict improvement: Ray ranks equal scores latest-first and drops the
+            # oldest, so checkpointing every epoch would select a later epoch among ties, not the first best.
+            if rank == 0 and improved:
                 save_checkpoint(tmp, core, cfg, task, epoch, metrics)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)

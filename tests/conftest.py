@@ -1,0 +1,41 @@
+# ---- training-side test support (test_models/test_metrics/test_train/test_leaderboard) ----
+import os as _os
+import sys as _sys
+from pathlib import Path as _Path
+
+import pytest
+
+_os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+_os.environ.setdefault("HF_HUB_OFFLINE", "1")
+_os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+_os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+if str(_Path(__file__).resolve().parent.parent) not in _sys.path:  # `from tests.fixtures import ...` under plain `pytest`
+    _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (each ray.init costs seconds)."""
+    import ray
+
+    from erc.train import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_emotion(tmp_path_factory):
+    """A tiny prepared emotion dataset (3 classes; text16 learnable, audio8 with one row missing)."""
+    from tests.fixtures import make_prepared
+
+    return make_prepared(tmp_path_factory.mktemp("tiny") / "emotion", kind="emotion")
+
+
+@pytest.fixture(scope="session")
+def tiny_mosi(tmp_path_factory):
+    """A tiny MOSI-like prepared dataset (binary sentiment target plus a continuous score)."""
+    from tests.fixtures import make_prepared
+
+    return make_prepared(tmp_path_factory.mktemp("tiny") / "mosi", kind="mosi")

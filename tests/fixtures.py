@@ -1,0 +1,78 @@
+"""Tiny prepared datasets in the canonical form, for the training-side tests.
+
+`make_prepared(directory, kind="emotion")` writes (with `erc.data.canonical.save`) a dataset of
+dialogues of 3-7 utterances between two speakers, with a text feature set whose class-dependent mean
+makes the label learnable, and an audio feature set with one row missing (a `present` mask).
+`kind="mosi"` writes the MOSI-like variant: binary sentiment target plus a continuous score.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from erc.data import canonical
+
+EMOTIONS = ["a", "b", "c"]
+SENTIMENTS = ["negative", "positive"]
+TEXT_DIM, AUDIO_DIM = 16, 8
+INPUTS = {"text": "text16", "audio": "audio8"}
+MISSING_AUDIO_ROW = 1  # the one utterance without audio features
+
+
+def make_prepared(directory, *, kind: str = "emotion", seed: int = 0, splits=(("train", 8), ("valid", 2), ("test", 2)),
+                  noise: float = 0.3) -> Path:
+    """Write a tiny prepared dataset to `directory` and return its path."""
+    if kind not in ("emotion", "mosi"):
+        raise ValueError(kind)
+    rng = np.random.default_rng(seed)
+    n_classes = len(EMOTIONS) if kind == "emotion" else len(SENTIMENTS)
+    means = rng.normal(0.0, 2.0, size=(n_classes, TEXT_DIM))
+
+    records, text_rows, audio_rows = [], [], []
+    d = 0
+    for split, n_dialogues in splits:
+        for _ in range(n_dialogues):
+            length = int(rng.integers(3, 8))
+            # Every class appears in every dialogue of 3+ utterances: all classes are in every split.
+            classes = rng.permutation(np.resize(rng.permutation(n_classes), length))
+            speakers = rng.choice(["A", "B"], size=length)
+            for turn in range(length):
+                c = int(classes[turn])
+                rec = {"dialogue_id": f"d{d:02d}", "turn": turn, "utterance_id": f"d{d:02d}_u{turn}",
+                       "speaker": str(speakers[turn]), "text": f"utterance {turn} of dialogue {d}", "split": split}
+                text = means[c] + noise * rng.normal(size=TEXT_DIM)
+                if kind == "emotion":
+                    rec.update(emotion_id=c, emotion=EMOTIONS[c])
+                else:
+                    magnitude = float(rng.uniform(0.2, 3.0))
+                    score = magnitude if c == 1 else -magnitude
+                    rec.update(sentiment_id=c, sentiment=SENTIMENTS[c], sentiment_score=round(score, 3))
+                    text[0] += score
+                records.append(rec)
+                text_rows.append(text)
+                audio_rows.append(rng.normal(size=AUDIO_DIM))
+            d += 1
+
+    table = canonical.make_table(records)
+    n = len(table)
+    present = np.ones(n, dtype=bool)
+    present[MISSING_AUDIO_ROW] = False
+    audio = np.asarray(audio_rows, dtype=np.float32)
+    audio[~present] = 0.0
+    features = {
+        "text16": canonical.FeatureSet("text16", "text", np.asarray(text_rows, dtype=np.float32), ["tiny:text"]),
+        "audio8": canonical.FeatureSet("audio8", "audio", audio, ["tiny:audio"], present=present),
+    }
+    meta = {
+        "dataset": f"tiny-{kind}",
+        "target": "emotion" if kind == "emotion" else "sentiment",
+        "emotion_labels": EMOTIONS if kind == "emotion" else [],
+        "sentiment_labels": [] if kind == "emotion" else SENTIMENTS,
+        "has_sentiment_score": kind == "mosi",
+        "sources": {},
+    }
+    directory = Path(directory)
+    canonical.save(canonical.Prepared(table, meta, features), directory)
+    return directory

@@ -1,0 +1,238 @@
+"""The leaderboard, from real MLflow runs in a temporary sqlite store (no training: runs are written directly)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from erc import leaderboard
+from erc.errors import ErcDataError
+from erc.params import project_root
+
+# (dataset, model, features) -> per-seed test metrics (percent; MAE in sentiment units)
+EMO_FEATURES = "text:minilm"
+RUNS = {
+    ("tiny", "baseline", EMO_FEATURES): [
+        {"test_wf1": 60.0, "test_acc": 70.0, "test_macro_f1": 50.0},
+        {"test_wf1": 62.0, "test_acc": 71.0, "test_macro_f1": 52.0},
+        {"test_wf1": 67.0, "test_acc": 75.0, "test_macro_f1": 54.0},
+    ],
+    ("tiny", "other", EMO_FEATURES): [
+        {"test_wf1": 40.0, "test_acc": 50.0, "test_macro_f1": 30.0},
+        {"test_wf1": 40.0, "test_acc": 52.0, "test_macro_f1": 30.0},
+        {"test_wf1": 43.0, "test_acc": 54.0, "test_macro_f1": 33.0},
+    ],
+    ("mosi", "baseline", "audio:a+text:t"): [
+        {"test_wf1": 70.0, "test_acc": 70.0, "test_macro_f1": 69.0, "test_acc2": 70.0, "test_wf1_binary": 70.0,
+         "test_acc7": 30.0, "test_mae": 1.0, "test_corr": 0.5},
+        {"test_wf1": 74.0, "test_acc": 72.0, "test_macro_f1": 71.0, "test_acc2": 72.0, "test_wf1_binary": 74.0,
+         "test_acc7": 34.0, "test_mae": 0.9, "test_corr": 0.6},
+    ],
+}
+SAMPLE_STD_60_62_67 = math.sqrt(((60 - 63) ** 2 + (62 - 63) ** 2 + (67 - 63) ** 2) / 2)  # sqrt(13)
+
+
+def predictions_csv(n: int, offset: int) -> str:
+    labels = ["a", "b", "c"]
+    rows = [f"u{offset + i},{labels[i % 3]},{labels[(i + offset) % 3]}" for i in range(n)]
+    return "utterance_id,actual,predicted\n" + "\n".join(rows) + "\n"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A real sqlite store holding FINISHED runs for RUNS, each with a test_predictions.csv, plus train-stage files."""
+    root = tmp_path_factory.mktemp("lb")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("erc", artifact_location=(root / "mlruns").as_uri())
+    files, n_predictions = [], {}
+    for (dataset, model, features), seeds in RUNS.items():
+        results = []
+        for seed, metrics in enumerate(seeds):
+            r = client.create_run(exp, tags={"dataset": dataset, "model": model, "features": features, "seed": str(seed)})
+            run_id = r.info.run_id
+            for k, v in metrics.items():
+                client.log_metric(run_id, k, v)
+            client.log_metric(run_id, "val_wf1", 99.0)  # not a test figure: must not reach the board
+            n = 4 + seed
+            n_predictions[(dataset, model)] = n_predictions.get((dataset, model), 0) + n
+            path = root / f"pred-{run_id}" / "test_predictions.csv"
+            path.parent.mkdir()
+            path.write_text(predictions_csv(n, seed))
+            client.log_artifact(run_id, str(path))
+            client.set_terminated(run_id, "FINISHED")
+            results.append({"run_id": run_id, "seed": seed, **metrics})
+        f = root / "runs" / dataset / f"{model}.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"dataset": dataset, "model": model, "runs": results}))
+        files.append(f)
+    return {"root": root, "uri": uri, "client": client, "experiment": exp, "files": files, "n_predictions": n_predictions}
+
+
+@pytest.fixture(scope="module")
+def runs(store):
+    return leaderboard.fetch_runs(store["client"], leaderboard.run_ids_from(store["files"]))
+
+
+@pytest.fixture(scope="module")
+def board(runs):
+    return leaderboard.summarise(runs)
+
+
+def row(board, dataset, model):
+    found = board[(board["dataset"] == dataset) & (board["model"] == model)]
+    assert len(found) == 1
+    return found.iloc[0]
+
+
+def test_run_ids_from_train_stage_files(store, tmp_path):
+    ids = leaderboard.run_ids_from(store["files"])
+    assert len(ids) == 8 and len(set(ids)) == 8
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"dataset": "tiny"}))
+    with pytest.raises(ErcDataError, match="bad.json"):
+        leaderboard.run_ids_from([bad])
+    with pytest.raises(ErcDataError, match="missing.json"):
+        leaderboard.run_ids_from([tmp_path / "missing.json"])
+
+
+def test_fetch_runs(runs):
+    assert len(runs) == 8
+    assert {"dataset", "model", "features", "seed", "run_id", "wf1", "acc", "macro_f1"} <= set(runs.columns)
+    assert not any(c.startswith("test_") for c in runs.columns)
+    assert "val_wf1" not in runs.columns
+    tiny = runs[(runs["dataset"] == "tiny") & (runs["model"] == "baseline")].sort_values("seed")
+    assert tiny["seed"].tolist() == [0, 1, 2]
+    assert tiny["wf1"].tolist() == [60.0, 62.0, 67.0]
+
+
+def test_summarise_mean_and_sample_std(board):
+    assert list(board.columns[:8]) == ["dataset", "model", "features", "n_seeds", "wf1_mean", "wf1_std",
+                                       "acc_mean", "acc_std"]
+    assert len(board) == 3
+    base = row(board, "tiny", "baseline")
+    assert base["n_seeds"] == 3 and base["features"] == EMO_FEATURES
+    assert base["wf1_mean"] == pytest.approx(63.0)
+    assert base["wf1_std"] == pytest.approx(SAMPLE_STD_60_62_67)  # ddof=1, not the population std (2.94)
+    assert base["acc_mean"] == pytest.approx(72.0)
+    assert base["acc_std"] == pytest.approx(math.sqrt((4 + 1 + 9) / 2))
+    assert base["macro_f1_mean"] == pytest.approx(52.0)
+    assert base["macro_f1_std"] == pytest.approx(2.0)
+    other = row(board, "tiny", "other")
+    assert other["wf1_mean"] == pytest.approx(41.0)
+    assert other["wf1_std"] == pytest.approx(math.sqrt(3.0))
+
+
+def test_summarise_mosi_columns(board):
+    for c in ("acc2_mean", "acc2_std", "mae_mean", "mae_std", "corr_mean", "acc7_mean", "wf1_binary_mean"):
+        assert c in board.columns, c
+    mosi = row(board, "mosi", "baseline")
+    assert mosi["n_seeds"] == 2
+    assert mosi["acc2_mean"] == pytest.approx(71.0)
+    assert mosi["acc2_std"] == pytest.approx(math.sqrt(2.0))
+    assert mosi["mae_mean"] == pytest.approx(0.95)
+    assert mosi["corr_mean"] == pytest.approx(0.55)
+    assert pd.isna(row(board, "tiny", "baseline")["mae_mean"])  # emotion rows have no MOSI figures
+
+
+def test_summarise_without_mosi_runs_has_no_mosi_columns(runs):
+    board = leaderboard.summarise(runs[runs["dataset"] == "tiny"])
+    assert not any(c.startswith(("acc2", "mae", "corr", "acc7")) for c in board.columns)
+
+
+def test_single_seed_has_nan_std(runs):
+    one = leaderboard.summarise(runs[(runs["model"] == "other") & (runs["seed"] == 0)])
+    assert one["n_seeds"].tolist() == [1]
+    assert math.isnan(one["wf1_std"].iloc[0])
+    md = leaderboard.to_markdown(one)
+    line = next(l for l in md.splitlines() if l.startswith("| tiny | other |"))
+    assert "| 40.00 |" in line and "±" not in line
+
+
+def test_to_markdown(board):
+    md = leaderboard.to_markdown(board)
+    lines = md.splitlines()
+    table = [l for l in lines if l.startswith("| ") and not l.startswith("| dataset")]
+    assert len(table) == 3
+    base = next(l for l in table if l.startswith("| tiny | baseline |"))
+    assert f"63.00 ± {SAMPLE_STD_60_62_67:.2f}" in base  # 63.00 ± 3.61
+    assert f"72.00 ± {math.sqrt(7):.2f}" in base  # 72.00 ± 2.65
+    mosi = next(l for l in table if l.startswith("| mosi | baseline |"))
+    assert "71.00 ± 1.41" in mosi and "0.950 ± 0.071" in mosi and "0.550 ± 0.071" in mosi
+    header = next(l for l in lines if l.startswith("| dataset"))
+    assert all(l.count("|") == header.count("|") for l in table)  # every row has every column
+
+
+def test_dvc_metrics(board):
+    m = leaderboard.dvc_metrics(board)
+    assert set(m) == {"tiny", "mosi"}
+    assert set(m["tiny"]) == {f"baseline[{EMO_FEATURES}]", f"other[{EMO_FEATURES}]"}
+    base = m["tiny"][f"baseline[{EMO_FEATURES}]"]
+    assert base["wf1_mean"] == 63.0
+    assert base["wf1_std"] == round(SAMPLE_STD_60_62_67, 4)
+    assert base["n_seeds"] == 3
+    assert base["mae_mean"] is None  # NaN becomes null, so the JSON stays valid
+    assert m["mosi"]["baseline[audio:a+text:t]"]["mae_mean"] == 0.95
+    json.loads(json.dumps(m, allow_nan=False))
+
+
+def test_unfinished_or_unknown_runs_are_rejected(store):
+    client = store["client"]
+    running = client.create_run(store["experiment"], tags={"dataset": "tiny", "model": "baseline", "seed": "9"})
+    with pytest.raises(ErcDataError, match="RUNNING"):
+        leaderboard.fetch_runs(client, [running.info.run_id])
+    client.set_terminated(running.info.run_id, "FAILED")
+    with pytest.raises(ErcDataError, match="FAILED"):
+        leaderboard.fetch_runs(client, [running.info.run_id])
+    with pytest.raises(ErcDataError, match="not found"):
+        leaderboard.fetch_runs(client, ["0" * 32])
+
+
+def stage(store, *args):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return subprocess.run([sys.executable, "pipelines/leaderboard.py", *map(str, args)], cwd=project_root(), env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_leaderboard_stage(store, tmp_path):
+    out = tmp_path / "reports"
+    proc = stage(store, *store["files"], "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    csv = pd.read_csv(out / "leaderboard.csv")
+    assert len(csv) == 3
+    assert list(csv.columns[:8]) == ["dataset", "model", "features", "n_seeds", "wf1_mean", "wf1_std", "acc_mean",
+                                     "acc_std"]
+    base = csv[(csv["dataset"] == "tiny") & (csv["model"] == "baseline")].iloc[0]
+    assert base["wf1_mean"] == pytest.approx(63.0)
+    assert base["wf1_std"] == pytest.approx(SAMPLE_STD_60_62_67, abs=1e-4)
+    assert {"acc2_mean", "mae_mean", "corr_mean"} <= set(csv.columns)
+
+    md = (out / "leaderboard.md").read_text()
+    assert md.startswith("# erc leaderboard") and "| tiny | baseline |" in md and "| mosi | baseline |" in md
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tiny"][f"baseline[{EMO_FEATURES}]"]["wf1_mean"] == 63.0
+
+    confusion = sorted(p.name for p in (out / "confusion").iterdir())
+    assert confusion == ["mosi_baseline.csv", "tiny_baseline.csv", "tiny_other.csv"]
+    for (dataset, model), n in store["n_predictions"].items():
+        pooled = pd.read_csv(out / "confusion" / f"{dataset}_{model}.csv")
+        assert list(pooled.columns) == ["actual", "predicted"]
+        assert len(pooled) == n  # every seed's test predictions, pooled
+    assert not list(out.glob(".*"))  # no temporary leftovers of the atomic writes
+
+
+def test_leaderboard_stage_rejects_an_unknown_run(store, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"runs": [{"run_id": "f" * 32}]}))
+    proc = stage(store, bad, "--out", tmp_path / "reports")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: mlflow run " + "f" * 32)
+    assert not (tmp_path / "reports" / "leaderboard.csv").exists()
