@@ -9,21 +9,22 @@ from pathlib import Path
 
 import numpy as np
 
-from erc.params import project_root
-
 EXPERIMENT = "erc"
 
 
 def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI` if set, else a sqlite store inside the project (mlflow.db, artifacts in mlruns/)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+    """`MLFLOW_TRACKING_URI` if set, else a sqlite store in the working directory (mlflow.db, artifacts in mlruns/).
+
+    DVC runs every stage from the project root, so by default that is the project's own store.
+    """
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def sqlite_artifact_root(uri: str) -> Path:
     """`mlruns/` beside a sqlite store's database file (the project's own for an in-memory store)."""
     path = uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else ""
     if not path or path == ":memory:":
-        return project_root() / "mlruns"
+        return Path.cwd() / "mlruns"
     return Path(path).resolve().parent / "mlruns"
 
 
@@ -45,9 +46,8 @@ def experiment_id(name: str = EXPERIMENT, uri: str | None = None) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project_root(),
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
