@@ -269,6 +269,11 @@ def test_repair_fixes_apostrophes(broken):
     assert repair(broken) == "don\u2019t"
 
 
+def test_repair_adjacent_mojibake_and_unassigned_cp1252_bytes():
+    assert repair("cafÃ©â€¦") == "café…"  # two damaged characters back to back
+    assert repair("â€\x9d") == "\u201d"  # 0x9d is unassigned in cp1252, kept as a C1 character
+
+
 def test_repair_leaves_clean_text_alone():
     for clean in ["café — ok…", "naïve SÃO", "“quoted” – fine", "plain ascii, 100%"]:
         assert repair(clean) == clean

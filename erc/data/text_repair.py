@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 
 _C1 = re.compile("[\u0080-\u009f]")
-_MOJIBAKE = re.compile("[\u00c2\u00c3\u00e2][\u0080-\u00bf\u0152-\u02dc\u2013-\u2122]+")
+# A UTF-8 lead byte read as cp1252, then exactly as many continuation bytes as it announces.
+_CONT = "[\u0080-\u00bf\u0152-\u02dc\u2013-\u2122]"
+_MOJIBAKE = re.compile(f"[\u00c2-\u00df]{_CONT}|[\u00e0-\u00ef]{_CONT}{{2}}|[\u00f0-\u00f4]{_CONT}{{3}}")
 
 
 def _cp1252(byte: int) -> str:
@@ -27,10 +29,15 @@ def decode(raw: bytes) -> str:
     return re.sub("[\udc80-\udcff]", lambda m: _cp1252(ord(m.group()) - 0xDC00), text)
 
 
+def _as_byte(ch: str) -> bytes:
+    """The byte a cp1252 reader turned into `ch` (C1 characters: bytes cp1252 leaves unassigned)."""
+    return bytes([ord(ch)]) if ord(ch) < 0x100 else ch.encode("cp1252")
+
+
 def _undo_mojibake(match: re.Match) -> str:
     chunk = match.group()
     try:
-        return chunk.encode("cp1252").decode("utf-8")
+        return b"".join(map(_as_byte, chunk)).decode("utf-8")
     except UnicodeError:
         return chunk
 
