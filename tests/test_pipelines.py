@@ -1,0 +1,36 @@
+"""Stage programs on bad params: exit 1 with one line naming the params file, before any work starts."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_train(tmp_path, params: dict, model="baseline", dataset="meld"):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return subprocess.run([sys.executable, "pipelines/train.py", "--dataset", dataset, "--model", model,
+                           "--out", str(tmp_path / "out.json"), "--params", str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("change, model, dataset, fragment", [
+    (lambda p: None, "no_such_model", "meld", "unknown model 'no_such_model'"),
+    (lambda p: None, "baseline", "no_such_dataset", "no inputs.no_such_dataset entry"),
+    (lambda p: p["models"]["baseline"].update(hiddn=3), "baseline", "meld", "unexpected keyword argument 'hiddn'"),
+    (lambda p: p["train"].update(learning_rate=3), "baseline", "meld", "unexpected keyword argument 'learning_rate'"),
+])
+def test_train_stage_rejects_bad_params(tmp_path, change, model, dataset, fragment):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    change(params)
+    result = run_train(tmp_path, params, model, dataset)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {tmp_path / 'params.yaml'}: ")
+    assert fragment in lines[0]
+    assert not (tmp_path / "out.json").exists()
