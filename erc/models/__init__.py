@@ -59,4 +59,14 @@ def build_model(name: str, spec: ModelSpec, overrides: dict | None = None) -> to
     return cls(cls.Config(**(overrides or {})), spec)
 
 
-from erc.models import baseline  # noqa: E402,F401  (registers)
+def _register_all() -> None:
+    """Import every model module in this package, so that its @register runs (one file per model)."""
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "blocks":
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_register_all()

@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from erc.data.dialogues import IGNORE, Batch
 from erc.models import ModelOutput, ModelSpec, register
+from erc.models.blocks import MaskedBiGRU, cross_entropy, score_l1
 
 
 @dataclass
@@ -28,14 +28,10 @@ class ModalityGRU(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float):
         super().__init__()
         self.proj = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.gru = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
+        self.gru = MaskedBiGRU(hidden, hidden)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x) * mask.unsqueeze(-1)
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        return out
+    def forward(self, x: torch.Tensor, modality_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.gru(self.proj(x) * modality_mask.unsqueeze(-1), mask)
 
 
 @register("baseline")
@@ -57,19 +53,15 @@ class ContextBaseline(nn.Module):
         self.register_buffer("class_weights", weights, persistent=False)
 
     def forward(self, batch: Batch) -> ModelOutput:
-        lengths = batch.mask.sum(1)
-        states = [self.encoders[m](batch.features[m], batch.modality_mask[m], lengths) for m in self.modalities]
+        states = [self.encoders[m](batch.features[m], batch.modality_mask[m], batch.mask) for m in self.modalities]
         h = self.trunk(torch.cat(states, dim=-1))  # (B, T, 2H)
-        logits = self.classifier(h)
-        out = ModelOutput(logits=logits)
+        out = ModelOutput(logits=self.classifier(h), extras={"hidden": h})
         if self.score_head is not None:
             out.score = self.score_head(h).squeeze(-1)
 
         if (batch.labels != IGNORE).any():
-            out.losses["ce"] = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), weight=self.class_weights,
-                                               ignore_index=IGNORE)
-        if out.score is not None:
-            has_score = batch.mask & ~torch.isnan(batch.score)
-            if has_score.any():
-                out.losses["score_l1"] = self.config.score_weight * F.l1_loss(out.score[has_score], batch.score[has_score])
+            out.losses["ce"] = cross_entropy(out.logits, batch.labels, self.class_weights)
+        l1 = score_l1(out.score, batch.score, batch.mask)
+        if l1 is not None:
+            out.losses["score_l1"] = self.config.score_weight * l1
         return out

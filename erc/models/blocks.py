@@ -1,0 +1,205 @@
+"""Building blocks and losses shared by the models. Everything here respects the utterance mask:
+padded positions never influence real ones, and never count in a loss.
+
+Shapes: B dialogues, T utterances (padded), D features, C classes; `mask` is (B, T) bool, True = real.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from erc.data.dialogues import IGNORE
+
+# ---------------------------------------------------------------- sequence helpers
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the real positions. x: (B, T, D) or (B, T); mask: (B, T) -> (B, D) or (B,)."""
+    m = mask.to(x.dtype)
+    if x.dim() == 3:
+        m = m.unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
+    """(T, D) fixed sine/cosine position encoding (Vaswani et al., 2017)."""
+    position = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+    div = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim, device=device)
+    pe[:, 0::2] = torch.sin(position * div)
+    pe[:, 1::2] = torch.cos(position * div)[:, : dim // 2]
+    return pe
+
+
+class MaskedConv1d(nn.Conv1d):
+    """Conv1d over the utterance axis of (B, T, D) inputs; padded positions are zeroed before and after,
+    so a real utterance's output is the same whatever padding follows it."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, T, D_in) -> (B, T, D_out)
+        x = x * mask.unsqueeze(-1).to(x.dtype)
+        return super().forward(x.transpose(1, 2)).transpose(1, 2) * mask.unsqueeze(-1).to(x.dtype)
+
+
+class MaskedBiGRU(nn.Module):
+    """Bidirectional GRU over the real utterances only (packed), zeros at padded positions. (B,T,D)->(B,T,2H)."""
+
+    def __init__(self, dim: int, hidden: int, num_layers: int = 1, dropout: float = 0.0):
+        super().__init__()
+        self.gru = nn.GRU(dim, hidden, num_layers=num_layers, batch_first=True, bidirectional=True,
+                          dropout=dropout if num_layers > 1 else 0.0)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        lengths = mask.sum(1).clamp(min=1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return out * mask.unsqueeze(-1).to(out.dtype)
+
+
+# ---------------------------------------------------------------- attention
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head attention of `query` over `context` (self-attention when they are the same), then
+    dropout, residual and LayerNorm; optionally a position-wise feed-forward sub-layer likewise.
+
+    `attn_dim` lets the attention run in a smaller space than the model (MiSTER-E: 1024 -> 120, 3 heads).
+    Padded context positions are excluded by the key padding mask; padded query rows are zeroed.
+    """
+
+    def __init__(self, dim: int, heads: int, *, attn_dim: int | None = None, ff_dim: int = 0,
+                 dropout: float = 0.1, attn_dropout: float = 0.1):
+        super().__init__()
+        attn_dim = attn_dim or dim
+        self.q, self.k, self.v = nn.Linear(dim, attn_dim), nn.Linear(dim, attn_dim), nn.Linear(dim, attn_dim)
+        self.out = nn.Linear(attn_dim, dim)
+        self.heads, self.attn_dropout = heads, attn_dropout
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim)
+        self.ff = None
+        if ff_dim:
+            self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff_dim, dim))
+            self.ff_norm = nn.LayerNorm(dim)
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
+                attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """query, context: (B, T, D); mask: (B, T); attn_bias: optional (B, heads, T, T) added to the scores."""
+        B, T, _ = query.shape
+        split = lambda x: x.view(B, T, self.heads, -1).transpose(1, 2)  # noqa: E731  (B, h, T, d_h)
+        q, k, v = split(self.q(query)), split(self.k(context)), split(self.v(context))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, h, T, T)
+        if attn_bias is not None:
+            scores = scores + attn_bias
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        weights = F.dropout(scores.softmax(-1), self.attn_dropout, self.training)
+        attended = (weights @ v).transpose(1, 2).reshape(B, T, -1)
+        x = self.norm(query + self.dropout(self.out(attended)))
+        if self.ff is not None:
+            x = self.ff_norm(x + self.dropout(self.ff(x)))
+        return x * mask.unsqueeze(-1).to(x.dtype)
+
+
+# ---------------------------------------------------------------- experts
+
+
+class LowRankExpert(nn.Module):
+    """MMoLRE's low-rank expert: Conv1d k=3 (D -> r), activation, Conv1d k=1 (r -> D), over utterances."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.down = MaskedConv1d(dim, rank, kernel_size=3, padding=1)
+        self.up = MaskedConv1d(rank, dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.up(F.gelu(self.down(x, mask)), mask)
+
+
+# ---------------------------------------------------------------- losses
+
+
+def _flat(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = labels != IGNORE
+    return logits[keep], labels[keep]
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean CE over labelled utterances. logits (B, T, C), labels (B, T) with IGNORE for padding."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), weight=weight, ignore_index=IGNORE)
+
+
+def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Focal loss (Lin et al., 2017), mean over labelled utterances: -(1 - p_y)^gamma log p_y."""
+    z, y = _flat(logits, labels)
+    if len(y) == 0:
+        return logits.sum() * 0.0
+    logp = F.log_softmax(z, -1).gather(1, y[:, None]).squeeze(1)
+    loss = -((1 - logp.exp()) ** gamma) * logp
+    if weight is not None:
+        w = weight[y]
+        return (loss * w).sum() / w.sum()
+    return loss.mean()
+
+
+def supervised_contrastive(features: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """SupCon (Khosla et al., 2020) over the labelled utterances of the batch; features (B, T, D) or (N, D).
+
+    Positives of an anchor: the other utterances with its label (padding excluded). Anchors without a
+    positive are skipped. Features are L2-normalised.
+    """
+    if features.dim() == 3:
+        features, labels = features.flatten(0, 1), labels.flatten()
+    keep = labels != IGNORE
+    z, y = F.normalize(features[keep], dim=-1), labels[keep]
+    n = len(y)
+    if n < 2:
+        return features.sum() * 0.0
+    logits = z @ z.T / temperature
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (y[:, None] == y[None, :]) & ~self_mask
+    has_pos = positives.any(1)
+    if not has_pos.any():
+        return features.sum() * 0.0
+    mean_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1) / positives.sum(1).clamp(min=1)
+    return -mean_log_prob[has_pos].mean()
+
+
+def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, *,
+               temperature: float = 1.0, detach_teacher: bool = True, t_squared: bool = False) -> torch.Tensor:
+    """KL(teacher_T || student_T) per utterance, averaged over real utterances: the usual distillation term
+    `KL(softmax(z_t/T) || softmax(z_s/T))`, computed as kl_div(log_softmax(z_s/T), softmax(z_t/T)).
+
+    detach_teacher stops gradients into the teacher (the released SDT code does not, and its padded zero
+    targets then give NaN gradients); t_squared multiplies by T^2 (Hinton et al., 2015).
+    """
+    if detach_teacher:
+        teacher_logits = teacher_logits.detach()
+    s = F.log_softmax(student_logits[mask] / temperature, -1)
+    t = F.log_softmax(teacher_logits[mask] / temperature, -1)
+    if len(s) == 0:
+        return student_logits.sum() * 0.0
+    loss = F.kl_div(s, t, reduction="batchmean", log_target=True)
+    return loss * temperature ** 2 if t_squared else loss
+
+
+def symmetric_kl(a_logits: torch.Tensor, b_logits: torch.Tensor, mask: torch.Tensor,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """(KL(a||b) + KL(b||a)) / 2 over real utterances, gradients into both (MiSTER-E's expert consistency)."""
+    return 0.5 * (kl_distill(a_logits, b_logits, mask, temperature=temperature, detach_teacher=False)
+                  + kl_distill(b_logits, a_logits, mask, temperature=temperature, detach_teacher=False))
+
+
+def score_l1(score: torch.Tensor | None, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """L1 on the continuous sentiment where there is one (MOSI); None when the dataset has none."""
+    if score is None:
+        return None
+    has = mask & ~torch.isnan(target)
+    if not has.any():
+        return None
+    return F.l1_loss(score[has], target[has])
