@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,8 @@ import torch
 
 from erc.data import canonical
 from erc.data.dialogues import IGNORE, DialogueData, feature_stats, split_data
+from erc.errors import ErcDataError
+from erc.io import atomic_path
 from erc.metrics import split_metrics
 from erc.models import MODELS, ModelSpec, build_model
 
@@ -62,6 +65,38 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def configs_from_params(params: dict, dataset: str, model: str, *, source="params.yaml", seeds=None,
+                        modalities=None, model_overrides: dict | None = None) -> list[TrainConfig]:
+    """One TrainConfig per seed from params.yaml's `train`, `inputs.<dataset>` and `models.<model>` sections.
+
+    `modalities` keeps a subset of the dataset's inputs (a unimodal teacher); `model_overrides` adds config
+    keys that the pipeline decides (a teacher checkpoint path).
+    """
+    if model not in MODELS:
+        raise ErcDataError(source, f"unknown model {model!r}; registered: {sorted(MODELS)}")
+    if dataset not in params.get("inputs", {}):
+        raise ErcDataError(source, f"no inputs.{dataset} entry (which feature set feeds which modality)")
+    inputs = dict(params["inputs"][dataset])
+    if modalities is not None:
+        missing = set(modalities) - set(inputs)
+        if missing:
+            raise ErcDataError(source, f"inputs.{dataset} has no {sorted(missing)} modality")
+        inputs = {m: inputs[m] for m in modalities}
+    train = params["train"]
+    shared = {k: v for k, v in train.items() if k not in ("seeds", "per_dataset", "per_model")}
+    shared.update((train.get("per_model") or {}).get(model, {}))
+    shared.update((train.get("per_dataset") or {}).get(dataset, {}))
+    model_config = {**(params.get("models", {}).get(model) or {}), **(model_overrides or {})}
+    try:
+        MODELS[model].Config(**model_config)
+        return [TrainConfig(dataset=dataset, prepared=f"data/prepared/{dataset}",
+                            feature_dirs=[f"data/features/{dataset}"], inputs=inputs, model=model,
+                            model_config=model_config, seed=seed, **shared)
+                for seed in (seeds if seeds is not None else train["seeds"])]
+    except TypeError as e:  # an unknown key in train or models.<model>
+        raise ErcDataError(source, f"bad train/models.{model} params ({e})") from None
 
 
 @dataclass
@@ -248,8 +283,11 @@ def fit(cfg: TrainConfig):
     return trainer.fit()
 
 
-def run(cfg: TrainConfig, *, tags: dict | None = None) -> dict:
-    """One seed, tracked: MLflow run with params, per-epoch validation, test metrics of the selected checkpoint."""
+def run(cfg: TrainConfig, *, tags: dict | None = None, export_checkpoint=None) -> dict:
+    """One seed, tracked: MLflow run with params, per-epoch validation, test metrics of the selected checkpoint.
+
+    `export_checkpoint`: a directory to receive a copy of the selected checkpoint (a teacher for distillation).
+    """
     import mlflow
 
     from erc import tracking
@@ -283,6 +321,9 @@ def run(cfg: TrainConfig, *, tags: dict | None = None) -> dict:
             task = load_task(cfg, splits=("test",))
             test, cm, pred = evaluate(model, task.splits["test"], task, prefix="test_")  # the one look at test
             client.log_artifacts(cfg.run_id, ckpt_dir, "checkpoint")
+            if export_checkpoint:
+                with atomic_path(export_checkpoint) as tmp:
+                    shutil.copytree(ckpt_dir, tmp)
         tracking.log_predictions(client, cfg.run_id, task, pred)
         test["selected_epoch"] = info["epoch"]
         test["selected_" + SELECT] = info["metrics"][SELECT]

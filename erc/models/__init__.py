@@ -65,8 +65,27 @@ def _register_all() -> None:
     import pkgutil
 
     for module in pkgutil.iter_modules(__path__):
-        if module.name != "blocks":
+        if module.name != "blocks" and not module.name.startswith("_"):
             importlib.import_module(f"{__name__}.{module.name}")
 
 
 _register_all()
+
+
+def models_markdown() -> str:
+    """docs/models.md: every registered model's module docstring (what follows the paper, the official
+    code, where they differ, and the choices made), with its config defaults."""
+    import inspect
+    import sys
+
+    parts = ["# The models", "",
+             "Generated from the model files' docstrings by `python -m erc.models > docs/models.md`; edit those,",
+             "not this file.", ""]
+    for name in sorted(MODELS):
+        cls = MODELS[name]
+        doc = inspect.cleandoc(sys.modules[cls.__module__].__doc__ or "")
+        defaults = "\n".join(f"    {f.name} = {f.default!r}" for f in dataclasses.fields(cls.Config)
+                             if f.default is not dataclasses.MISSING)
+        parts += [f"## `{name}` ({cls.__module__.replace('.', '/')}.py)", "", doc, "",
+                  "Config defaults:", "", defaults, ""]
+    return "\n".join(parts)

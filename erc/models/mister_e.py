@@ -1,0 +1,254 @@
+"""MiSTER-E: a mixture of speech, text and cross-modal experts over the conversation.
+
+Dutta, Balaji and Ganapathy, arXiv 2602.23300 (2026); official code iiscleap/MiSTER-E @bb4bff9
+(`hierarchical_moe.py`, `train_moe.py`). Stage 2 only: the paper's stage 1 (LoRA-tuned LLM utterance
+encoders) is replaced by whatever features erc feeds; speech is erc's "audio" modality.
+
+Forward pass, per dialogue (B dialogues, T utterances):
+- speech expert and text expert, one per modality: parallel Conv1d over the utterance axis, kernels 1, 3 and 5
+  (input dim -> width, ReLU each, summed) -> 3-layer bidirectional GRU (width/2 per direction) -> + Linear skip
+  from the input -> Linear head to the classes;
+- cross-modal expert: Linear per modality (input dim -> width); 4 blocks, each cross-attention (speech queries
+  text, text queries speech, both from the block's inputs) then self-attention per modality, in 120-d with
+  3 heads, out-projection back to width, dropout, residual and LayerNorm; + a residual Linear per modality
+  from the input; concatenation -> LayerNorm -> Linear(2 width -> width) -> ReLU -> Linear head;
+- gate: an MLP on the concatenated expert logits (3C -> 10 -> ReLU -> 3), softmax(./T) with T = 2, per
+  utterance; the output is the gate-weighted sum of the expert logits (`extras["gate"]`, columns in the
+  order of `model.expert_names`: speech, text, cross).
+
+Loss: focal (gamma 3) on the mixed logits ("focal_mix") + focal on each expert ("focal_speech", "focal_text",
+"focal_cross") + 2 x supervised contrastive loss between the cross-modal expert's speech and text
+representations ("supcon") + 0.1 x symmetric KL averaged over the expert pairs ("kl").
+
+Follows the paper
+- No speaker input anywhere; the experts see the dialogue only through the convolutions, GRUs and attention.
+- Three experts (speech, text, cross-modal) mixed per utterance by a gate over their logits.
+- Loss weights: 1 for the mixed focal loss and for each expert's focal loss, 2 for the contrastive loss,
+  0.1 for the expert-agreement KL.
+
+Follows the official code
+- Expert layout as above: widths 2048 -> 1024, GRU hidden 512 x 3 layers, skip Linear added after the GRU
+  (no activation); cross-modal projections to 120-d with 3 heads, attention dropout 0.1, dropout 0.5 after
+  each out-projection; the residual Linear per modality from the raw input; LayerNorm -> Linear -> ReLU ->
+  Linear head of the cross-modal expert.
+- The contrastive views are the cross-modal expert's speech and text states after the residual Linear
+  (before the concatenation), both views of all utterances in one SupCon (positives: same label, any view,
+  not itself), temperature 1.
+- Gate: Linear(3C -> 10) -> ReLU -> Linear(10 -> 3), softmax(logits / 2); gradients flow through the
+  gate into the experts (the expert logits are not detached); gamma 3 for all four focal terms; KL
+  temperature 1.
+- No dropout in the speech and text experts: the code declares 0.2 but never applies it
+  (`expert_dropout`, default 0.0, adds it between GRU layers if wanted).
+
+Paper and code differ
+- The paper describes the stage-1 text encoder as Qwen2.5-7B, the released code extracts with Llama-3.1-8B;
+  irrelevant here (erc's own features).
+- The released code selects the epoch on the TEST split; erc selects on validation only.
+- Optimisation (Adam lr 1e-5, 8 dialogues, 100 epochs, clip 1.0) belongs to the paper's setup; erc's
+  pipeline sets its own (see params.yaml).
+
+Choices where neither says
+- Padding is masked everywhere (the released code has no mask at all): masked convolutions, packed GRUs,
+  key-padding masks in every attention, SupCon and KL over real utterances only. Hence two scale
+  differences from the code: the focal losses are means over labelled utterances (the code averages over
+  all positions, padding included, so its loss shrinks with padding), and the KL is the shared
+  `symmetric_kl`, (KL(p||q) + KL(q||p)) / 2 per real utterance (the code sums the two KLs without the 1/2
+  and, through `batchmean` on a (B, T, C) tensor, sums over utterances and divides by dialogues only).
+- Any input dim: the first convolutions and the Linear projections take the feature dim given by the data;
+  the model's `width` (1024 in the paper) is a config field, the GRU hidden is width / 2 per direction.
+- Modalities: the paper uses speech and text only; "video", if given, is ignored. With text and audio all
+  three experts run. With one of them only its expert runs: no cross-modal expert, no gate (its weight is
+  1: `extras["gate"]` is all ones, shape (B, T, 1)), no contrastive or KL term, and no separate expert focal
+  term (it would equal "focal_mix" and only double it).
+- An utterance whose modality is missing (`modality_mask` False) gets zero features for it; the experts
+  still give it a state from the dialogue context, and its missing view is left out of the SupCon loss.
+- Class weights (when given) weight every focal term; SupCon and KL are unweighted.
+- Continuous sentiment (MOSI): each expert has a Linear score head on its final state, and the score is
+  the gate-weighted sum of the expert scores, trained with L1 like the baseline.
+- A second classification task (MELD sentiment) is not used, like the baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from erc.data.dialogues import IGNORE, Batch
+from erc.models import ModelOutput, ModelSpec, register
+from erc.models.blocks import (AttentionBlock, MaskedBiGRU, MaskedConv1d, focal_loss, score_l1,
+                               supervised_contrastive, symmetric_kl)
+
+SPEECH, TEXT = "audio", "text"  # erc's modality names for the paper's speech and text
+EXPERT_OF = {SPEECH: "speech", TEXT: "text"}
+
+
+@dataclass
+class MisterEConfig:
+    width: int = 1024  # expert width (official: inputs 2048 -> 1024); GRU hidden is width / 2 per direction
+    kernel_sizes: tuple = (1, 3, 5)  # parallel Conv1d branches of the speech and text experts
+    gru_layers: int = 3
+    expert_dropout: float = 0.0  # between GRU layers (official code: declared, never applied)
+    cross_blocks: int = 4  # cross- then self-attention blocks in the cross-modal expert
+    attn_dim: int = 120  # attention runs in this space...
+    heads: int = 3  # ...with this many heads
+    dropout: float = 0.5  # after each attention out-projection
+    attn_dropout: float = 0.1
+    gate_hidden: int = 10
+    gate_temperature: float = 2.0
+    focal_gamma: float = 3.0
+    supcon_weight: float = 2.0
+    supcon_temperature: float = 1.0
+    kl_weight: float = 0.1
+    kl_temperature: float = 1.0
+    score_weight: float = 1.0  # weight of the L1 regression loss where the dataset has a score
+
+
+class ContextExpert(nn.Module):
+    """Speech or text expert: parallel Conv1d (k = 1, 3, 5) -> BiGRU -> + skip -> head.
+
+    (B, T, D) features -> state (B, T, width) and logits (B, T, C).
+    """
+
+    def __init__(self, dim: int, config: MisterEConfig, num_classes: int):
+        super().__init__()
+        width = config.width
+        self.convs = nn.ModuleList(MaskedConv1d(dim, width, kernel_size=k, padding=k // 2) for k in config.kernel_sizes)
+        self.gru = MaskedBiGRU(width, width // 2, num_layers=config.gru_layers, dropout=config.expert_dropout)
+        self.skip = nn.Linear(dim, width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        local = sum(F.relu(conv(x, mask)) for conv in self.convs)  # (B, T, width)
+        state = (self.gru(local, mask) + self.skip(x)) * mask.unsqueeze(-1).to(x.dtype)
+        return state, self.head(state)
+
+
+class CrossModalBlock(nn.Module):
+    """Cross-attention both ways (each modality queries the other's block input), then self-attention."""
+
+    def __init__(self, config: MisterEConfig):
+        super().__init__()
+
+        def attention():
+            return AttentionBlock(config.width, config.heads, attn_dim=config.attn_dim, dropout=config.dropout,
+                                  attn_dropout=config.attn_dropout)
+
+        self.speech_from_text, self.text_from_speech = attention(), attention()
+        self.speech_self, self.text_self = attention(), attention()
+
+    def forward(self, speech: torch.Tensor, text: torch.Tensor, mask: torch.Tensor):
+        speech, text = self.speech_from_text(speech, text, mask), self.text_from_speech(text, speech, mask)
+        return self.speech_self(speech, speech, mask), self.text_self(text, text, mask)
+
+
+class CrossModalExpert(nn.Module):
+    """Speech (B, T, D_s) and text (B, T, D_t) -> their contrastive views (B, T, width) each, the fused
+    state (B, T, width) and logits (B, T, C)."""
+
+    def __init__(self, speech_dim: int, text_dim: int, config: MisterEConfig, num_classes: int):
+        super().__init__()
+        width = config.width
+        self.speech_in, self.text_in = nn.Linear(speech_dim, width), nn.Linear(text_dim, width)
+        self.blocks = nn.ModuleList(CrossModalBlock(config) for _ in range(config.cross_blocks))
+        self.speech_skip, self.text_skip = nn.Linear(speech_dim, width), nn.Linear(text_dim, width)
+        self.norm = nn.LayerNorm(2 * width)
+        self.fuse = nn.Linear(2 * width, width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, speech_x: torch.Tensor, text_x: torch.Tensor, mask: torch.Tensor):
+        m = mask.unsqueeze(-1).to(speech_x.dtype)
+        speech, text = self.speech_in(speech_x) * m, self.text_in(text_x) * m
+        for block in self.blocks:
+            speech, text = block(speech, text, mask)
+        speech = (speech + self.speech_skip(speech_x)) * m  # the contrastive views
+        text = (text + self.text_skip(text_x)) * m
+        state = F.relu(self.fuse(self.norm(torch.cat([text, speech], dim=-1))))  # (B, T, width)
+        return speech, text, state, self.head(state)
+
+
+class Gate(nn.Module):
+    """Per-utterance weights over E experts from their concatenated logits: softmax(MLP(z) / T)."""
+
+    def __init__(self, num_experts: int, num_classes: int, hidden: int, temperature: float):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(num_experts * num_classes, hidden), nn.ReLU(), nn.Linear(hidden, num_experts))
+        self.temperature = temperature
+
+    def forward(self, expert_logits: torch.Tensor) -> torch.Tensor:  # (B, T, E, C) -> (B, T, E)
+        return (self.mlp(expert_logits.flatten(-2)) / self.temperature).softmax(-1)
+
+
+@register("mister_e")
+class MisterE(nn.Module):
+    Config = MisterEConfig
+
+    def __init__(self, config: MisterEConfig, spec: ModelSpec):
+        super().__init__()
+        if config.width % 2:
+            raise ValueError(f"mister_e: width must be even (a bidirectional GRU of width/2), got {config.width}")
+        self.config, self.spec = config, spec
+        self.modalities = [m for m in (SPEECH, TEXT) if m in spec.input_dims]
+        if not self.modalities:
+            raise ValueError(f"mister_e needs 'audio' (speech) and/or 'text'; got {sorted(spec.input_dims)}")
+        C = spec.num_classes
+        self.experts = nn.ModuleDict({EXPERT_OF[m]: ContextExpert(spec.input_dims[m], config, C)
+                                      for m in self.modalities})
+        self.cross = None
+        if len(self.modalities) == 2:
+            self.cross = CrossModalExpert(spec.input_dims[SPEECH], spec.input_dims[TEXT], config, C)
+        self.expert_names = [EXPERT_OF[m] for m in self.modalities] + (["cross"] if self.cross else [])
+        E = len(self.expert_names)
+        self.gate = Gate(E, C, config.gate_hidden, config.gate_temperature) if E > 1 else None
+        self.score_heads = (nn.ModuleDict({name: nn.Linear(config.width, 1) for name in self.expert_names})
+                            if spec.has_score else None)
+        weights = torch.tensor(spec.class_weights, dtype=torch.float32) if spec.class_weights else None
+        self.register_buffer("class_weights", weights, persistent=False)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        cfg, mask = self.config, batch.mask
+        # A missing modality of an utterance is zero input (padding is zero already).
+        x = {m: batch.features[m] * batch.modality_mask[m].unsqueeze(-1).to(batch.features[m].dtype)
+             for m in self.modalities}
+
+        states, logits = {}, {}
+        for m in self.modalities:
+            name = EXPERT_OF[m]
+            states[name], logits[name] = self.experts[name](x[m], mask)
+        if self.cross is not None:
+            speech_view, text_view, states["cross"], logits["cross"] = self.cross(x[SPEECH], x[TEXT], mask)
+
+        stacked = torch.stack([logits[n] for n in self.expert_names], dim=-2)  # (B, T, E, C)
+        if self.gate is not None:
+            gate = self.gate(stacked)  # (B, T, E)
+        else:
+            gate = stacked.new_ones(stacked.shape[:-1])
+        mixed = (gate.unsqueeze(-1) * stacked).sum(-2)  # (B, T, C)
+        out = ModelOutput(logits=mixed, extras={"gate": gate, "expert_logits": stacked})
+        if self.score_heads is not None:
+            scores = torch.stack([self.score_heads[n](states[n]).squeeze(-1) for n in self.expert_names], -1)
+            out.score = (gate * scores).sum(-1)  # (B, T)
+
+        if (batch.labels != IGNORE).any():
+            focal = lambda z: focal_loss(z, batch.labels, cfg.focal_gamma, self.class_weights)  # noqa: E731
+            out.losses["focal_mix"] = focal(mixed)
+            if len(self.expert_names) > 1:
+                for name in self.expert_names:
+                    out.losses[f"focal_{name}"] = focal(logits[name])
+            if self.cross is not None and cfg.supcon_weight:
+                # Both views of every labelled utterance in one SupCon; a view whose modality is missing is out.
+                views = torch.cat([speech_view.flatten(0, 1), text_view.flatten(0, 1)])
+                view_labels = torch.cat([batch.labels.masked_fill(~batch.modality_mask[SPEECH], IGNORE).flatten(),
+                                         batch.labels.masked_fill(~batch.modality_mask[TEXT], IGNORE).flatten()])
+                out.losses["supcon"] = cfg.supcon_weight * supervised_contrastive(views, view_labels,
+                                                                                  cfg.supcon_temperature)
+        if len(self.expert_names) > 1 and cfg.kl_weight:
+            pairs = [(a, b) for i, a in enumerate(self.expert_names) for b in self.expert_names[i + 1:]]
+            kl = sum(symmetric_kl(logits[a], logits[b], mask, cfg.kl_temperature) for a, b in pairs) / len(pairs)
+            out.losses["kl"] = cfg.kl_weight * kl
+        l1 = score_l1(out.score, batch.score, mask)
+        if l1 is not None:
+            out.losses["score_l1"] = cfg.score_weight * l1
+        return out

@@ -1,0 +1,34 @@
+"""Stage `teacher@<dataset>`: the frozen unimodal teacher that SUMMER distils from.
+
+The `teacher.model` of params trained on `teacher.modality` alone (one seed, selected on validation like
+every run, tracked in MLflow with tag role=teacher); its checkpoint directory is the stage's output.
+
+    python pipelines/teacher.py meld --out runs/meld/teacher
+"""
+
+import argparse
+
+from erc.params import load_params, stage_main
+from erc.train import configs_from_params, init_ray, run
+
+
+@stage_main
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("dataset")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    teacher = params["teacher"]
+    (cfg,) = configs_from_params(params, args.dataset, teacher["model"], source=args.params, seeds=[teacher["seed"]],
+                                 modalities=[teacher["modality"]])
+    init_ray()
+    result = run(cfg, tags={"role": "teacher"}, export_checkpoint=args.out)
+    print(f"teacher {args.dataset}: {teacher['model']} on {teacher['modality']}, "
+          f"validation wF1 {result['selected_val_wf1']:.2f}, run {result['run_id']}")
+
+
+if __name__ == "__main__":
+    main()
