@@ -10,7 +10,6 @@ ERC_DATA_MIRROR for --repro. Figures go to benchmarks/results/throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess

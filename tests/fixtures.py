@@ -76,3 +76,33 @@ def make_prepared(directory, *, kind: str = "emotion", seed: int = 0, splits=(("
     directory = Path(directory)
     canonical.save(canonical.Prepared(table, meta, features), directory)
     return directory
+
+
+# ---- kind="meld": the emotion dataset with a sentiment label beside it (appended: the kinds above are unchanged)
+
+MELD_SENTIMENTS = ["negative", "neutral", "positive"]
+_make_prepared_emotion_or_mosi = make_prepared
+
+
+def make_prepared(directory, *, kind: str = "emotion", seed: int = 0, splits=(("train", 8), ("valid", 2), ("test", 2)),
+                  noise: float = 0.3) -> Path:
+    """As above; `kind="meld"` writes the emotion dataset plus a 3-way sentiment label on every utterance
+    (meta sentiment_labels negative/neutral/positive, sentiment_id set everywhere), drawn independently of
+    the emotion and learnable from a sentiment-dependent shift of the text features (MELD's two annotations)."""
+    if kind != "meld":
+        return _make_prepared_emotion_or_mosi(directory, kind=kind, seed=seed, splits=splits, noise=noise)
+    directory = _make_prepared_emotion_or_mosi(directory, kind="emotion", seed=seed, splits=splits, noise=noise)
+    prep = canonical.load(directory)
+    rng = np.random.default_rng(seed + 1)
+    table = prep.table.copy()
+    sentiment = np.empty(len(table), dtype=np.int64)
+    for _, rows in table.groupby("dialogue_id", sort=False).groups.items():  # every class in every dialogue
+        sentiment[rows] = rng.permutation(np.resize(rng.permutation(len(MELD_SENTIMENTS)), len(rows)))
+    table["sentiment_id"] = sentiment
+    table["sentiment"] = np.asarray(MELD_SENTIMENTS, dtype=object)[sentiment]
+    text = prep.features["text16"]
+    text.values = (text.values + rng.normal(0.0, 2.0, size=(len(MELD_SENTIMENTS), TEXT_DIM))[sentiment]).astype(np.float32)
+    meta = {k: v for k, v in prep.meta.items() if k not in ("features", "counts")}
+    meta.update(dataset="tiny-meld", sentiment_labels=MELD_SENTIMENTS)
+    canonical.save(canonical.Prepared(canonical.make_table(table), meta, prep.features), directory)
+    return directory

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from erc.data import ADAPTERS
-from erc.data.canonical import load, save
+from erc.data.canonical import save
 from erc.sources import DatasetFiles
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ import pytest
 from erc.data import canonical
 from erc.metrics import classification_metrics
 from erc.train import TrainConfig, load_checkpoint, load_task, predict, run
-from tests.fixtures import INPUTS, make_prepared
+from tests.fixtures import INPUTS
 
 TAGS = ("model", "dataset", "features", "seed", "git_commit", "data_sha256")
 

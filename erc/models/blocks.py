@@ -118,6 +118,33 @@ class LowRankExpert(nn.Module):
         return self.up(F.gelu(self.down(x, mask)), mask)
 
 
+# ---------------------------------------------------------------- routing (MMoLRE, SUMMER)
+
+
+def top_k_gates(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over experts, keep the top k, renormalise. (B, T, E) -> gates (B, T, E) with k non-zeros, probs."""
+    probs = router_logits.softmax(-1)
+    kept, index = probs.topk(k, dim=-1)
+    gates = torch.zeros_like(probs).scatter(-1, index, kept / kept.sum(-1, keepdim=True))
+    return gates, probs
+
+
+def load_balance(probs: torch.Tensor, gates: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer auxiliary loss E * sum_e f_e P_e over the real positions; 1 when routing is uniform.
+
+    probs, gates: (B, T, E); mask: (B, T). f_e: share of the chosen (top-k) slots going to expert e
+    (not differentiable); P_e: mean router probability of e (carries the gradient).
+    """
+    m = mask.to(probs.dtype).unsqueeze(-1)
+    n = m.sum()
+    if n == 0:
+        return probs.sum() * 0.0
+    chosen = (gates > 0).to(probs.dtype) * m
+    f = chosen.sum((0, 1)) / chosen.sum()
+    p = (probs * m).sum((0, 1)) / n
+    return probs.shape[-1] * (f * p).sum()
+
+
 # ---------------------------------------------------------------- losses
 
 

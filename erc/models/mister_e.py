@@ -44,10 +44,14 @@ Paper and code differ
 - The paper describes the stage-1 text encoder as Qwen2.5-7B, the released code extracts with Llama-3.1-8B;
   irrelevant here (erc's own features).
 - The released code selects the epoch on the TEST split; erc selects on validation only.
-- Optimisation (Adam lr 1e-5, 8 dialogues, 100 epochs, clip 1.0) belongs to the paper's setup; erc's
-  pipeline sets its own (see params.yaml).
 
 Choices where neither says
+- Optimisation is erc's pipeline's (params.yaml), not the paper's Adam lr 1e-5, 8 dialogues, 100 epochs,
+  clip 1.0: those suit 2048-d LLM features on a GPU, not the small CPU runs here.
+- Attention uses the shared `AttentionBlock`: one Linear each for q, k, v (width -> 120) and one back
+  (120 -> width), LayerNorm eps 1e-5. The code chains Linear(1024 -> 120) into nn.MultiheadAttention's own
+  120 -> 120 in- and out-projections, then Linear(120 -> 1024), LayerNorm eps 1e-6: the same functions
+  (a product of linear maps is linear), with fewer parameters here.
 - Padding is masked everywhere (the released code has no mask at all): masked convolutions, packed GRUs,
   key-padding masks in every attention, SupCon and KL over real utterances only. Hence two scale
   differences from the code: the focal losses are means over labelled utterances (the code averages over
@@ -174,7 +178,8 @@ class Gate(nn.Module):
 
     def __init__(self, num_experts: int, num_classes: int, hidden: int, temperature: float):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(num_experts * num_classes, hidden), nn.ReLU(), nn.Linear(hidden, num_experts))
+        self.mlp = nn.Sequential(nn.Linear(num_experts * num_classes, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, num_experts))
         self.temperature = temperature
 
     def forward(self, expert_logits: torch.Tensor) -> torch.Tensor:  # (B, T, E, C) -> (B, T, E)

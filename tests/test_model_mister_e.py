@@ -1,0 +1,272 @@
+"""MiSTER-E (erc/models/mister_e.py) on tiny generated dialogues (no Ray)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from erc.data.dialogues import IGNORE, Batch
+from erc.models import MODELS, ModelSpec, build_model
+from erc.train import TrainConfig, load_task, seed_everything
+from tests.fixtures import INPUTS, MISSING_AUDIO_ROW
+
+SMALL = {"width": 16, "attn_dim": 12, "heads": 3, "gru_layers": 2, "cross_blocks": 2, "dropout": 0.1}
+SUBSETS = [("text",), ("audio",), ("text", "audio")]
+EXPERTS = {("text",): ["text"], ("audio",): ["speech"], ("text", "audio"): ["speech", "text", "cross"]}
+
+
+def task_of(path):
+    return load_task(TrainConfig(dataset="tiny", prepared=str(path), inputs=dict(INPUTS)), splits=("train", "valid"))
+
+
+@pytest.fixture(scope="module")
+def emotion_task(tiny_emotion):
+    return task_of(tiny_emotion)
+
+
+@pytest.fixture(scope="module")
+def mosi_task(tiny_mosi):
+    return task_of(tiny_mosi)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: on a shared 2-core machine, intra-op threads only add spin-waiting (~20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def restrict(spec, modalities):
+    return dataclasses.replace(spec, input_dims={m: spec.input_dims[m] for m in modalities})
+
+
+def model_of(spec, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return build_model("mister_e", spec, {**SMALL, **overrides})
+
+
+def pad(batch: Batch, extra: int) -> Batch:
+    """The same dialogues with `extra` more padded utterances at the end of each."""
+    B = batch.mask.shape[0]
+
+    def more(x, value):
+        tail = torch.full((B, extra, *x.shape[2:]), value, dtype=x.dtype)
+        return torch.cat([x, tail], dim=1)
+
+    return Batch({m: more(f, 0.0) for m, f in batch.features.items()},
+                 {m: more(k, False) for m, k in batch.modality_mask.items()},
+                 more(batch.mask, False), more(batch.speakers, 0), more(batch.labels, IGNORE),
+                 more(batch.sentiment, IGNORE), more(batch.score, float("nan")), more(batch.rows, -1))
+
+
+def test_registered_with_the_paper_defaults():
+    cfg = MODELS["mister_e"].Config()
+    assert (cfg.width, cfg.gru_layers, tuple(cfg.kernel_sizes), cfg.cross_blocks, cfg.attn_dim, cfg.heads) == \
+        (1024, 3, (1, 3, 5), 4, 120, 3)
+    assert (cfg.dropout, cfg.gate_hidden, cfg.gate_temperature, cfg.focal_gamma) == (0.5, 10, 2.0, 3.0)
+    assert (cfg.supcon_weight, cfg.supcon_temperature, cfg.kl_weight, cfg.kl_temperature) == (2.0, 1.0, 0.1, 1.0)
+    model = build_model("mister_e", ModelSpec(input_dims={"text": 2048, "audio": 2048}, num_classes=6))
+    assert model.expert_names == ["speech", "text", "cross"]
+    assert model.experts["text"].gru.gru.hidden_size == 512
+    assert model.cross.speech_in.weight.shape == (1024, 2048)
+    assert model.cross.blocks[0].speech_from_text.q.weight.shape == (120, 1024)
+    assert [layer.out_features for layer in model.gate.mlp if isinstance(layer, torch.nn.Linear)] == [10, 3]
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="even"):
+        build_model("mister_e", ModelSpec(input_dims={"text": 4}, num_classes=2), {"width": 15})
+    with pytest.raises(ValueError, match="audio"):
+        build_model("mister_e", ModelSpec(input_dims={"video": 4}, num_classes=2), SMALL)
+
+
+@pytest.mark.parametrize("modalities", SUBSETS)
+@pytest.mark.parametrize("which", ["emotion", "mosi"])
+def test_output_shapes_and_loss_terms(emotion_task, mosi_task, which, modalities):
+    task = emotion_task if which == "emotion" else mosi_task
+    model = model_of(restrict(task.spec, modalities)).eval()
+    assert model.expert_names == EXPERTS[modalities]
+    batch = task.splits["train"].collate([0, 1, 2])
+    B, T = batch.mask.shape
+    C, E = task.spec.num_classes, len(model.expert_names)
+    out = model(batch)
+    assert out.logits.shape == (B, T, C)
+    assert out.extras["gate"].shape == (B, T, E)
+    assert out.extras["expert_logits"].shape == (B, T, E, C)
+    torch.testing.assert_close(out.extras["gate"].sum(-1), torch.ones(B, T))
+    torch.testing.assert_close(out.logits, (out.extras["gate"].unsqueeze(-1) * out.extras["expert_logits"]).sum(-2))
+    if E == 1:
+        assert (out.extras["gate"] == 1).all()
+    assert (out.score is not None) == task.has_score
+    if task.has_score:
+        assert out.score.shape == (B, T)
+    expected = {"focal_mix"} | ({"score_l1"} if task.has_score else set())
+    if E == 3:
+        expected |= {"focal_speech", "focal_text", "focal_cross", "supcon", "kl"}
+    assert set(out.losses) == expected
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in out.losses.values())
+
+
+def test_gate_depends_on_the_utterance_and_its_temperature(emotion_task):
+    batch = emotion_task.splits["train"].collate([0, 1])
+    real = batch.mask
+    with torch.no_grad():
+        gate = model_of(emotion_task.spec).eval()(batch).extras["gate"][real]
+        flat = model_of(emotion_task.spec, gate_temperature=1e6).eval()(batch).extras["gate"][real]
+    assert (gate - gate.mean(0)).abs().max() > 1e-4  # per utterance, not one weight per expert
+    torch.testing.assert_close(flat, torch.full_like(flat, 1 / 3), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("modalities", SUBSETS + [("text", "audio", "video")])
+def test_a_modality_matters_if_and_only_if_used(emotion_task, modalities):
+    spec = emotion_task.spec
+    dims = {m: spec.input_dims.get(m, 5) for m in modalities}
+    model = model_of(dataclasses.replace(spec, input_dims=dims)).eval()
+    batch = emotion_task.splits["train"].collate([0, 1, 2, 3])
+    if "video" in modalities:  # a modality the paper does not use: accepted and ignored
+        batch.features["video"] = torch.randn(*batch.mask.shape, 5)
+        batch.modality_mask["video"] = batch.mask.clone()
+    with torch.no_grad():
+        out = model(batch)
+        for m in ("text", "audio", "video"):
+            if m not in batch.features:
+                continue
+            changed = dataclasses.replace(batch, features={**batch.features, m: batch.features[m] + 1.0})
+            delta = (model(changed).logits - out.logits)[batch.mask].abs().max().item()
+            assert (delta > 1e-4) == (m in modalities and m != "video"), m
+
+
+def test_missing_modality_rows_are_masked(emotion_task):
+    """The utterance without audio: its audio values do not matter, and its speech view leaves SupCon."""
+    data = emotion_task.splits["train"]
+    index = next(i for i, d in enumerate(data.dialogues) if MISSING_AUDIO_ROW in d.rows)
+    batch = data.collate([index, (index + 1) % len(data)])
+    pos = int(np.flatnonzero(batch.rows[0].numpy() == MISSING_AUDIO_ROW)[0])
+    assert not batch.modality_mask["audio"][0, pos] and batch.modality_mask["text"][0, pos]
+    model = model_of(emotion_task.spec).eval()
+    with torch.no_grad():
+        before = model(batch)
+        batch.features["audio"][0, pos] = 100.0
+        after = model(batch)
+    torch.testing.assert_close(after.logits, before.logits)
+    for name in before.losses:
+        torch.testing.assert_close(after.losses[name], before.losses[name])
+    # Marked present (with the same zero input), the speech view joins SupCon: only that term changes.
+    batch.features["audio"][0, pos] = 0.0
+    batch.modality_mask["audio"][0, pos] = True
+    with torch.no_grad():
+        present = model(batch)
+    torch.testing.assert_close(present.logits, before.logits)
+    assert abs(float(present.losses["supcon"]) - float(before.losses["supcon"])) > 1e-6
+
+
+@pytest.mark.parametrize("which", ["emotion", "mosi"])
+def test_padding_invariance(emotion_task, mosi_task, which):
+    task = emotion_task if which == "emotion" else mosi_task
+    data = task.splits["train"]
+    lengths = [len(d.rows) for d in data.dialogues]
+    short, long = int(np.argmin(lengths)), int(np.argmax(lengths))
+    n = lengths[short]
+    assert lengths[long] > n  # so the short one really is padded
+    model = model_of(task.spec).eval()
+    with torch.no_grad():
+        alone = model(data.collate([short]))
+        padded_batch = data.collate([long, short])
+        padded = model(padded_batch)
+        batch = data.collate([0, 1, 2])
+        plain, extra = model(batch), model(pad(batch, 4))
+    assert padded_batch.mask[1].sum() == n and not padded_batch.mask[1, n:].any()
+    torch.testing.assert_close(padded.logits[1, :n], alone.logits[0, :n], atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded.extras["gate"][1, :n], alone.extras["gate"][0, :n], atol=1e-5, rtol=0)
+    if task.has_score:
+        torch.testing.assert_close(padded.score[1, :n], alone.score[0, :n], atol=1e-5, rtol=0)
+    # Every loss term (focal, SupCon, KL, L1) is the same with 4 more padded utterances per dialogue.
+    assert set(extra.losses) == set(plain.losses) and len(plain.losses) >= 6
+    for name in plain.losses:
+        torch.testing.assert_close(extra.losses[name], plain.losses[name], atol=1e-5, rtol=0, msg=name)
+    torch.testing.assert_close(extra.logits[:, :batch.mask.shape[1]][batch.mask], plain.logits[batch.mask],
+                               atol=1e-5, rtol=0)
+
+
+# Which parameter groups each loss term must reach (prefixes of parameter names); all others must get none.
+CONTRASTIVE_VIEW = ("cross.speech_in", "cross.text_in", "cross.blocks", "cross.speech_skip", "cross.text_skip")
+REACHES = {
+    "focal_mix": ("experts", "cross", "gate"),
+    "focal_speech": ("experts.speech",),
+    "focal_text": ("experts.text",),
+    "focal_cross": ("cross",),
+    "supcon": CONTRASTIVE_VIEW,
+    "kl": ("experts", "cross"),
+    "score_l1": ("experts", "cross", "gate", "score_heads"),
+}
+
+
+def test_every_loss_term_reaches_exactly_its_parameters(mosi_task):
+    model = model_of(mosi_task.spec).train()
+    seed_everything(0)
+    out = model(mosi_task.splits["train"].collate(range(len(mosi_task.splits["train"]))))
+    assert set(out.losses) == set(REACHES)
+    named = list(model.named_parameters())
+    for term, value in out.losses.items():
+        assert torch.isfinite(value), term
+        grads = torch.autograd.grad(value, [p for _, p in named], retain_graph=True, allow_unused=True)
+        for (name, _), g in zip(named, grads):
+            reached = g is not None and g.abs().sum() > 0
+            if name.endswith(".k.bias"):
+                # A bias on every key shifts each query's scores by one constant: softmax ignores it.
+                assert g is None or g.abs().max() < 1e-6, (term, name)
+            elif name.startswith(REACHES[term]):
+                assert reached and torch.isfinite(g).all(), (term, name)
+            else:
+                assert not reached, (term, name)
+
+
+def test_class_weights_change_the_focal_terms_only(emotion_task):
+    batch = emotion_task.splits["train"].collate([0, 1, 2])
+    plain = model_of(emotion_task.spec).eval()
+    weighted = model_of(dataclasses.replace(emotion_task.spec, class_weights=[1.0, 5.0, 0.2])).eval()
+    weighted.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        a, b = weighted(batch), plain(batch)
+    torch.testing.assert_close(a.logits, b.logits)
+    for name in ("focal_mix", "focal_speech", "focal_text", "focal_cross"):
+        assert abs(float(a.losses[name]) - float(b.losses[name])) > 1e-5, name
+    for name in ("supcon", "kl"):
+        torch.testing.assert_close(a.losses[name], b.losses[name])
+
+
+def test_overfits_a_tiny_batch(emotion_task):
+    model = model_of(emotion_task.spec, width=32, dropout=0.0, attn_dropout=0.0)
+    batch = emotion_task.splits["train"].collate([0, 1, 2])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    real = batch.labels != IGNORE
+    first = None
+    for _ in range(60):
+        model.train()
+        out = model(batch)
+        first = float(out.losses["focal_mix"].detach()) if first is None else first
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+    accuracy = (out.logits.argmax(-1)[real] == batch.labels[real]).float().mean().item()
+    assert accuracy == 1.0
+    assert float(out.losses["focal_mix"]) < 0.05 * first
+
+
+def test_same_seed_same_loss(mosi_task):
+    batch = mosi_task.splits["train"].collate([0, 1, 2, 3])
+
+    def loss_with(seed):
+        seed_everything(seed)
+        model = build_model("mister_e", mosi_task.spec, SMALL).train()  # dropout draws from the seed too
+        with torch.no_grad():
+            return float(model(batch).loss)
+
+    assert loss_with(0) == loss_with(0)
+    assert loss_with(0) != loss_with(1)
