@@ -71,8 +71,9 @@ def configs_from_params(params: dict, dataset: str, model: str, *, source="param
                         modalities=None, model_overrides: dict | None = None) -> list[TrainConfig]:
     """One TrainConfig per seed from params.yaml's `train`, `inputs.<dataset>` and `models.<model>` sections.
 
-    `modalities` keeps a subset of the dataset's inputs (a unimodal teacher); `model_overrides` adds config
-    keys that the pipeline decides (a teacher checkpoint path).
+    Train settings apply in order: `train`, `train.per_model.<model>`, `train.per_dataset.<dataset>`,
+    `train.per_model.<model>.per_dataset.<dataset>`. `modalities` keeps a subset of the dataset's inputs
+    (a unimodal teacher); `model_overrides` adds config keys that the pipeline decides (a teacher checkpoint).
     """
     if model not in MODELS:
         raise ErcDataError(source, f"unknown model {model!r}; registered: {sorted(MODELS)}")
@@ -85,9 +86,11 @@ def configs_from_params(params: dict, dataset: str, model: str, *, source="param
             raise ErcDataError(source, f"inputs.{dataset} has no {sorted(missing)} modality")
         inputs = {m: inputs[m] for m in modalities}
     train = params["train"]
+    per_model = dict((train.get("per_model") or {}).get(model) or {})
+    per_model_dataset = (per_model.pop("per_dataset", None) or {}).get(dataset, {})
     shared = {k: v for k, v in train.items() if k not in ("seeds", "per_dataset", "per_model")}
-    shared.update((train.get("per_model") or {}).get(model, {}))
-    shared.update((train.get("per_dataset") or {}).get(dataset, {}))
+    for overrides in (per_model, (train.get("per_dataset") or {}).get(dataset, {}), per_model_dataset):
+        shared.update(overrides or {})
     model_config = {**(params.get("models", {}).get(model) or {}), **(model_overrides or {})}
     try:
         MODELS[model].Config(**model_config)

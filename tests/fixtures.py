@@ -21,9 +21,7 @@ INPUTS = {"text": "text16", "audio": "audio8"}
 MISSING_AUDIO_ROW = 1  # the one utterance without audio features
 
 
-def make_prepared(directory, *, kind: str = "emotion", seed: int = 0, splits=(("train", 8), ("valid", 2), ("test", 2)),
-                  noise: float = 0.3) -> Path:
-    """Write a tiny prepared dataset to `directory` and return its path."""
+def _make_emotion_or_mosi(directory, *, kind: str, seed: int, splits, noise: float) -> Path:
     if kind not in ("emotion", "mosi"):
         raise ValueError(kind)
     rng = np.random.default_rng(seed)
@@ -78,20 +76,19 @@ def make_prepared(directory, *, kind: str = "emotion", seed: int = 0, splits=(("
     return directory
 
 
-# ---- kind="meld": the emotion dataset with a sentiment label beside it (appended: the kinds above are unchanged)
-
 MELD_SENTIMENTS = ["negative", "neutral", "positive"]
-_make_prepared_emotion_or_mosi = make_prepared
 
 
 def make_prepared(directory, *, kind: str = "emotion", seed: int = 0, splits=(("train", 8), ("valid", 2), ("test", 2)),
                   noise: float = 0.3) -> Path:
-    """As above; `kind="meld"` writes the emotion dataset plus a 3-way sentiment label on every utterance
+    """Write a tiny prepared dataset to `directory` and return its path.
+
+    `kind="meld"` writes the emotion dataset plus a 3-way sentiment label on every utterance
     (meta sentiment_labels negative/neutral/positive, sentiment_id set everywhere), drawn independently of
     the emotion and learnable from a sentiment-dependent shift of the text features (MELD's two annotations)."""
     if kind != "meld":
-        return _make_prepared_emotion_or_mosi(directory, kind=kind, seed=seed, splits=splits, noise=noise)
-    directory = _make_prepared_emotion_or_mosi(directory, kind="emotion", seed=seed, splits=splits, noise=noise)
+        return _make_emotion_or_mosi(directory, kind=kind, seed=seed, splits=splits, noise=noise)
+    directory = _make_emotion_or_mosi(directory, kind="emotion", seed=seed, splits=splits, noise=noise)
     prep = canonical.load(directory)
     rng = np.random.default_rng(seed + 1)
     table = prep.table.copy()

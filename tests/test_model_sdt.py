@@ -1,0 +1,314 @@
+"""SDT (transformer with self-distillation) on tiny generated dialogues (no Ray)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from erc.data.dialogues import IGNORE, Batch
+from erc.models import ModelOutput, ModelSpec, build_model
+from erc.models.sdt import IEMOCAP_CLASS_WEIGHTS
+from erc.train import TrainConfig, load_task, seed_everything
+from tests.fixtures import INPUTS
+
+SMALL = {"hidden": 32, "heads": 4, "ff_dim": 32, "dropout": 0.1}
+VIDEO_DIM = 6
+
+
+def task_of(path, inputs=INPUTS):
+    return load_task(TrainConfig(dataset="tiny", prepared=str(path), inputs=dict(inputs)), splits=("train", "valid"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster, and far faster on a loaded 2-core machine (spin-waits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def emotion_task(tiny_emotion):
+    return task_of(tiny_emotion)
+
+
+@pytest.fixture(scope="module")
+def mosi_task(tiny_mosi):
+    return task_of(tiny_mosi)
+
+
+def with_video(batch: Batch, seed: int = 0) -> Batch:
+    """The batch plus a random third modality (the tiny fixtures have text and audio only)."""
+    g = torch.Generator().manual_seed(seed)
+    video = torch.randn(*batch.mask.shape, VIDEO_DIM, generator=g) * batch.mask.unsqueeze(-1)
+    return dataclasses.replace(batch, features={**batch.features, "video": video},
+                               modality_mask={**batch.modality_mask, "video": batch.mask.clone()})
+
+
+def pad_batch(batch: Batch, extra: int) -> Batch:
+    """The same dialogues with `extra` more padded utterances at the end."""
+    def pad(x, value):
+        return torch.cat([x, torch.full((x.shape[0], extra, *x.shape[2:]), value, dtype=x.dtype)], dim=1)
+
+    return Batch({m: pad(x, 0.0) for m, x in batch.features.items()},
+                 {m: pad(x, False) for m, x in batch.modality_mask.items()},
+                 pad(batch.mask, False), pad(batch.speakers, 0), pad(batch.labels, IGNORE),
+                 pad(batch.sentiment, IGNORE), pad(batch.score, float("nan")), pad(batch.rows, -1))
+
+
+def subset_spec(spec, modalities):
+    dims = {**spec.input_dims, "video": VIDEO_DIM}
+    return dataclasses.replace(spec, input_dims={m: dims[m] for m in modalities})
+
+
+@pytest.mark.parametrize("modalities", [("text",), ("audio",), ("text", "audio"), ("text", "audio", "video")])
+def test_shapes_encoders_and_losses_per_modality_subset(emotion_task, modalities):
+    spec = subset_spec(emotion_task.spec, modalities)
+    torch.manual_seed(0)
+    model = build_model("sdt", spec, SMALL).eval()
+    M = len(modalities)
+    assert len(model.encoders) == M + M * (M - 1)  # M intra + M(M-1) inter
+    assert sorted(model.modality_heads) == (sorted(modalities) if M > 1 else [])
+    batch = with_video(emotion_task.splits["train"].collate([0, 1, 2, 3]))
+    out = model(batch)
+    assert isinstance(out, ModelOutput)
+    B, T = batch.mask.shape
+    assert out.logits.shape == (B, T, 3) and out.score is None
+    gate = out.extras["gate"]
+    assert gate.shape == (B, T, M)
+    torch.testing.assert_close(gate.sum(-1), torch.ones(B, T))
+    expected = {"ce_fused"} | ({f"ce_{m}" for m in modalities} | {f"kl_{m}" for m in modalities} if M > 1 else set())
+    assert set(out.losses) == expected
+    for m in modalities if M > 1 else ():
+        assert out.extras[f"logits_{m}"].shape == (B, T, 3)
+    real = batch.mask
+    for m in ("text", "audio", "video"):  # a modality changes the output if and only if the model uses it
+        changed = with_video(emotion_task.splits["train"].collate([0, 1, 2, 3]))
+        changed.features[m] = changed.features[m] + 1.0
+        delta = (model(changed).logits - out.logits)[real].abs().max().item()
+        assert (delta > 1e-4) if m in modalities else (delta == 0.0), m
+
+
+def test_score_head_on_mosi(mosi_task):
+    torch.manual_seed(0)
+    model = build_model("sdt", mosi_task.spec, SMALL).eval()
+    batch = mosi_task.splits["train"].collate([0, 1, 2])
+    out = model(batch)
+    assert out.logits.shape == (*batch.mask.shape, 2)
+    assert out.score is not None and out.score.shape == batch.mask.shape
+    assert set(out.losses) == {"ce_fused", "ce_audio", "ce_text", "kl_audio", "kl_text", "score_l1"}
+    assert all(torch.isfinite(v) for v in out.losses.values())
+
+
+def test_missing_modality_rows_are_masked(emotion_task):
+    from tests.fixtures import MISSING_AUDIO_ROW
+
+    data = emotion_task.splits["train"]
+    index = next(i for i, d in enumerate(data.dialogues) if MISSING_AUDIO_ROW in d.rows)
+    batch = data.collate([index])
+    pos = int(np.flatnonzero(batch.rows[0].numpy() == MISSING_AUDIO_ROW)[0])
+    assert not batch.modality_mask["audio"][0, pos]
+    model = build_model("sdt", emotion_task.spec, SMALL).eval()
+    before = model(batch)
+    batch.features["audio"][0, pos] = 100.0
+    after = model(batch)
+    torch.testing.assert_close(after.logits, before.logits)
+    torch.testing.assert_close(after.extras["logits_audio"], before.extras["logits_audio"])
+
+
+@pytest.mark.parametrize("which", ["emotion", "mosi"])
+def test_padding_invariance(emotion_task, mosi_task, which):
+    task = emotion_task if which == "emotion" else mosi_task
+    data = task.splits["train"]
+    lengths = [len(d.rows) for d in data.dialogues]
+    short, long = int(np.argmin(lengths)), int(np.argmax(lengths))
+    n = lengths[short]
+    assert lengths[long] > n
+    torch.manual_seed(0)
+    model = build_model("sdt", task.spec, SMALL).eval()
+    with torch.no_grad():
+        alone = model(data.collate([short]))
+        padded_batch = data.collate([long, short])
+        padded = model(padded_batch)
+    assert padded_batch.mask[1].sum() == n and not padded_batch.mask[1, n:].any()
+    for key in ("logits", "score"):
+        if getattr(alone, key) is not None:
+            torch.testing.assert_close(getattr(padded, key)[1, :n], getattr(alone, key)[0, :n], atol=1e-5, rtol=0)
+    for key in ("gate", "logits_text", "logits_audio"):
+        torch.testing.assert_close(padded.extras[key][1, :n], alone.extras[key][0, :n], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_loss_terms_unchanged_by_extra_padding(emotion_task, detach):
+    torch.manual_seed(0)
+    model = build_model("sdt", emotion_task.spec, {**SMALL, "detach_teacher": detach}).eval()
+    batch = emotion_task.splits["train"].collate([0, 1, 2])
+    with torch.no_grad():
+        plain, padded = model(batch), model(pad_batch(batch, 5))
+    assert set(plain.losses) == set(padded.losses) == {"ce_fused", "ce_audio", "ce_text", "kl_audio", "kl_text"}
+    for name in plain.losses:
+        torch.testing.assert_close(padded.losses[name], plain.losses[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert float(plain.losses["kl_text"]) > 0  # the students are not yet the teacher
+
+
+def grads_of(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def nonzero(grad):
+    return grad is not None and bool(grad.abs().sum() > 0)
+
+
+def test_every_term_finite_and_reaches_the_right_parameters(mosi_task):
+    torch.manual_seed(0)
+    model = build_model("sdt", mosi_task.spec, SMALL).train()
+    batch = mosi_task.splits["train"].collate(range(len(mosi_task.splits["train"])))
+    assert not batch.mask.all()  # there is padding in this batch
+    out = model(batch)
+    assert all(torch.isfinite(v) for v in out.losses.values())
+
+    total = grads_of(model, out.loss)
+    for name, grad in total.items():  # the whole loss trains every parameter
+        assert nonzero(grad) and torch.isfinite(grad).all(), name
+
+    ce_text = grads_of(model, out.losses["ce_text"])
+    assert nonzero(ce_text["modality_heads.text.2.weight"]) and nonzero(ce_text["encoders.audio_text.q.weight"])
+    assert not nonzero(ce_text["modality_heads.audio.2.weight"]) and not nonzero(ce_text["fused_head.weight"])
+    assert not nonzero(ce_text["multimodal_gate.fc.weight"])
+
+    ce_fused = grads_of(model, out.losses["ce_fused"])
+    assert nonzero(ce_fused["fused_head.weight"]) and nonzero(ce_fused["multimodal_gate.fc.weight"])
+    assert not nonzero(ce_fused["modality_heads.text.2.weight"]) and not nonzero(ce_fused["score_head.weight"])
+
+    kl_audio = grads_of(model, out.losses["kl_audio"])  # the student learns, the detached teacher does not
+    assert nonzero(kl_audio["modality_heads.audio.2.weight"]) and nonzero(kl_audio["encoders.text_audio.v.weight"])
+    assert not nonzero(kl_audio["fused_head.weight"]) and not nonzero(kl_audio["multimodal_gate.fc.weight"])
+    assert not nonzero(kl_audio["modality_heads.text.2.weight"])
+
+    l1 = grads_of(model, out.losses["score_l1"])
+    assert nonzero(l1["score_head.weight"]) and not nonzero(l1["fused_head.weight"])
+
+
+def test_undetached_teacher_gets_kl_gradient_and_stays_finite_with_padding(mosi_task):
+    """The released code's setting: no detach. Its NaN came from masked zero targets; here padding is dropped."""
+    torch.manual_seed(0)
+    model = build_model("sdt", mosi_task.spec, {**SMALL, "detach_teacher": False}).train()
+    batch = mosi_task.splits["train"].collate(range(len(mosi_task.splits["train"])))
+    kl = grads_of(model, model(batch).losses["kl_text"])
+    assert nonzero(kl["fused_head.weight"]) and nonzero(kl["multimodal_gate.fc.weight"])
+    assert all(torch.isfinite(g).all() for g in kl.values() if g is not None)
+
+
+def test_temperature_and_t_squared(emotion_task):
+    batch = emotion_task.splits["train"].collate([0, 1, 2])
+    torch.manual_seed(0)
+    base = build_model("sdt", emotion_task.spec, {**SMALL, "temperature": 4.0}).eval()
+    squared = build_model("sdt", emotion_task.spec, {**SMALL, "temperature": 4.0, "kl_t_squared": True}).eval()
+    squared.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        a, b = base(batch).losses, squared(batch).losses
+    torch.testing.assert_close(b["kl_text"], 16.0 * a["kl_text"])
+    torch.testing.assert_close(b["ce_text"], a["ce_text"])
+
+
+def test_frozen_unimodal_gate_is_identity_and_untrained(emotion_task):
+    torch.manual_seed(0)
+    model = build_model("sdt", emotion_task.spec, {**SMALL, "freeze_unimodal_gate": True}).train()
+    gate = model.unimodal_gates["text_text"].fc.weight
+    torch.testing.assert_close(gate, torch.eye(SMALL["hidden"]))
+    assert not gate.requires_grad
+    model(emotion_task.splits["train"].collate([0, 1, 2])).loss.backward()
+    for name, p in model.named_parameters():
+        if name.startswith("unimodal_gates"):
+            assert p.grad is None, name
+        else:
+            assert nonzero(p.grad), name
+    learned = build_model("sdt", emotion_task.spec, SMALL)
+    assert learned.unimodal_gates["text_text"].fc.weight.requires_grad
+
+
+def test_speakers_beyond_the_embedding_share_the_last_slot(emotion_task):
+    torch.manual_seed(0)
+    model = build_model("sdt", emotion_task.spec, {**SMALL, "max_speakers": 2}).eval()
+    batch = emotion_task.splits["train"].collate([0, 1])
+    first = dataclasses.replace(batch, speakers=batch.speakers.clone())
+    first.speakers[batch.mask] = 1
+    many = dataclasses.replace(batch, speakers=batch.speakers.clone())
+    many.speakers[batch.mask] = 7  # beyond max_speakers: clamped into slot 1
+    other = dataclasses.replace(batch, speakers=torch.zeros_like(batch.speakers))
+    with torch.no_grad():
+        a, b, c = model(first).logits, model(many).logits, model(other).logits
+    torch.testing.assert_close(a, b)
+    assert (a - c)[batch.mask].abs().max() > 1e-4  # the speaker embedding matters
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_checkpoint_roundtrip(emotion_task, frozen):
+    """What load_checkpoint does: rebuild from the spec as a dict and load the state dict strictly."""
+    torch.manual_seed(0)
+    config = {**SMALL, "freeze_unimodal_gate": frozen}
+    model = build_model("sdt", emotion_task.spec, config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # so that a fresh model would differ
+    rebuilt = build_model("sdt", ModelSpec(**dataclasses.asdict(emotion_task.spec)), config).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    batch = emotion_task.splits["valid"].collate([0, 1])
+    torch.testing.assert_close(rebuilt(batch).logits, model(batch).logits)
+    assert rebuilt.unimodal_gates["text_text"].fc.weight.requires_grad is not frozen
+
+
+def test_class_weights(emotion_task):
+    assert len(IEMOCAP_CLASS_WEIGHTS) == 6
+    np.testing.assert_allclose(1 / np.array(IEMOCAP_CLASS_WEIGHTS),
+                               [0.086747, 0.144406, 0.227883, 0.160585, 0.127711, 0.252668])
+    batch = emotion_task.splits["train"].collate([0, 1, 2])
+    torch.manual_seed(0)
+    plain = build_model("sdt", emotion_task.spec, SMALL).eval()
+    weighted = build_model("sdt", dataclasses.replace(emotion_task.spec, class_weights=[1.0, 5.0, 0.2]), SMALL).eval()
+    weighted.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        a, b = weighted(batch), plain(batch)
+    torch.testing.assert_close(a.logits, b.logits)
+    for name in ("ce_fused", "ce_text", "ce_audio"):
+        assert abs(float(a.losses[name]) - float(b.losses[name])) > 1e-4, name
+    torch.testing.assert_close(a.losses["kl_text"], b.losses["kl_text"])  # the KL is unweighted
+
+
+def test_overfits_a_tiny_batch(emotion_task):
+    torch.manual_seed(0)
+    model = build_model("sdt", emotion_task.spec, {**SMALL, "dropout": 0.0})
+    batch = emotion_task.splits["train"].collate([0, 1, 2])
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    real = batch.labels != IGNORE
+    first = None
+    for _ in range(150):
+        model.train()
+        loss = model(batch).loss
+        first = float(loss.detach()) if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+    for logits in (out.logits, out.extras["logits_text"]):
+        assert (logits.argmax(-1)[real] == batch.labels[real]).float().mean().item() == 1.0
+    assert float(out.loss) < 0.1 * first
+
+
+def test_same_seed_same_loss(mosi_task):
+    batch = mosi_task.splits["train"].collate([0, 1, 2, 3])
+
+    def loss_with(seed):
+        seed_everything(seed)
+        model = build_model("sdt", mosi_task.spec, SMALL).train()  # dropout draws from the seed too
+        with torch.no_grad():
+            return float(model(batch).loss)
+
+    assert loss_with(0) == loss_with(0)
+    assert loss_with(0) != loss_with(1)
