@@ -34,3 +34,24 @@ def test_train_stage_rejects_bad_params(tmp_path, change, model, dataset, fragme
     assert lines[0].startswith(f"error: {tmp_path / 'params.yaml'}: ")
     assert fragment in lines[0]
     assert not (tmp_path / "out.json").exists()
+
+
+def test_train_overrides_apply_from_general_to_specific():
+    from erc.train import configs_from_params
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(lr=0.1, per_model={"sdt": {"lr": 0.2, "per_dataset": {"iemocap": {"lr": 0.4}}}},
+                           per_dataset={"iemocap": {"lr": 0.3}})
+    lr = lambda dataset, model: configs_from_params(params, dataset, model, seeds=[0])[0].lr  # noqa: E731
+    assert lr("meld", "baseline") == 0.1
+    assert lr("meld", "sdt") == 0.2
+    assert lr("iemocap", "baseline") == 0.3
+    assert lr("iemocap", "sdt") == 0.4
+
+
+def test_teacher_takes_one_modality_and_the_teacher_seed():
+    from erc.train import configs_from_params
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (cfg,) = configs_from_params(params, "iemocap", "baseline", seeds=[7], modalities=["text"])
+    assert cfg.inputs == {"text": params["inputs"]["iemocap"]["text"]} and cfg.seed == 7
