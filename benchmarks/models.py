@@ -46,6 +46,10 @@ def measure(model_name: str, dataset: str, epochs: int = 1, warmup_batches: int 
     model = build_model(model_name, task.spec, cfg.model_config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    extra_counts = {}
+    counter = getattr(sys.modules[type(model).__module__], "parameter_counts", None)
+    if counter is not None:  # MMoLRE: the same model with full-rank experts, for comparison
+        extra_counts = {"params_dense_equivalent": counter(model)["dense_equivalent"]}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
 
     def train_batches(seed):
@@ -81,7 +85,7 @@ def measure(model_name: str, dataset: str, epochs: int = 1, warmup_batches: int 
         "train_utt_per_s": seen / train_s, "train_epoch_s": train_s / epochs,
         "infer_ms_per_dialogue": 1000 * infer_s / len(valid),
         "peak_rss_mb": peak_rss_mb(), "peak_rss_over_data_mb": peak_rss_mb() - rss_data,
-        "teacher": bool(overrides),
+        "teacher": bool(overrides), **extra_counts,
     }
 
 
@@ -110,7 +114,8 @@ def main():
             print(f"{dataset:8s} {name:10s} params {r['params_total'] / 1e6:7.2f}M (trainable {r['params_trainable'] / 1e6:.2f}M)"
                   f"  train {r['train_utt_per_s']:7.0f} utt/s ({r['train_epoch_s']:.1f} s/epoch)"
                   f"  infer {r['infer_ms_per_dialogue']:6.1f} ms/dialogue  peak RSS {r['peak_rss_mb']:.0f} MB"
-                  f" (+{r['peak_rss_over_data_mb']:.0f} MB over the loaded data)")
+                  f" (+{r['peak_rss_over_data_mb']:.0f} MB over the loaded data)"
+                  + (f"  dense equivalent {r['params_dense_equivalent'] / 1e6:.2f}M" if "params_dense_equivalent" in r else ""))
     write_json(ROOT / "benchmarks/results/models.json",
                {f"{r['dataset']}.{r['model']}": {k: v for k, v in r.items() if k not in ("model", "dataset")} for r in results})
 

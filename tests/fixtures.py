@@ -4,15 +4,23 @@
 dialogues of 3-7 utterances between two speakers, with a text feature set whose class-dependent mean
 makes the label learnable, and an audio feature set with one row missing (a `present` mask).
 `kind="mosi"` writes the MOSI-like variant: binary sentiment target plus a continuous score.
+
+The model tests share their common procedures here: `overfit` (train on one tiny batch), `seeded_loss` (the
+training-mode loss of a model built after seeding), `shortest_and_longest` + `alone_and_padded` (a dialogue alone
+and padded next to a longer one) and `one_torch_thread` (torch on one intra-op thread).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from erc.data import canonical
+from erc.models import ModelOutput, build_model
+from erc.train import seed_everything
 
 EMOTIONS = ["a", "b", "c"]
 SENTIMENTS = ["negative", "positive"]
@@ -103,3 +111,72 @@ def make_prepared(directory, *, kind: str = "emotion", seed: int = 0, splits=(("
     meta.update(dataset="tiny-meld", sentiment_labels=MELD_SENTIMENTS)
     canonical.save(canonical.Prepared(canonical.make_table(table), meta, prep.features), directory)
     return directory
+
+
+# ---------------------------------------------------------------- shared model-test procedures
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Torch on one intra-op thread inside the block, its previous count restored after (the model tests' tiny
+    tensors: more threads only spin-wait on a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def overfit(model, batch, *, steps: int, lr: float, first_of: str | None = None) -> tuple[ModelOutput, float]:
+    """Train `model` on `batch` alone with Adam(lr) for `steps` steps (train mode, total loss).
+
+    Returns the eval-mode output on `batch` after training (under no_grad) and the first step's loss: the total
+    loss, or the loss term `first_of` where one is named."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    first = None
+    for _ in range(steps):
+        model.train()
+        out = model(batch)
+        if first is None:
+            first = float((out.loss if first_of is None else out.losses[first_of]).detach())
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+    return out, first
+
+
+def seeded_loss(name: str, spec, config, batch, seed: int) -> float:
+    """The loss on `batch` of model `name` built after `seed_everything(seed)`, in train mode (dropout draws from
+    the seed too), under no_grad."""
+    seed_everything(seed)
+    model = build_model(name, spec, config).train()
+    with torch.no_grad():
+        return float(model(batch).loss)
+
+
+def shortest_and_longest(data) -> tuple[int, int, int]:
+    """The indices of the shortest and the longest dialogue in `data` and the shortest one's length (asserted
+    shorter than the longest, so that next to it the short one really is padded)."""
+    lengths = [len(d.rows) for d in data.dialogues]
+    short, long = int(np.argmin(lengths)), int(np.argmax(lengths))
+    n = lengths[short]
+    assert lengths[long] > n  # so the short one really is padded
+    return short, long, n
+
+
+def alone_and_padded(model, collate, short, long, n: int):
+    """`model`'s outputs (under no_grad) on dialogue `short` alone and on the batch [long, short], where `short`
+    (of `n` utterances) is padded; asserts the padded batch masks exactly its `n` real positions.
+
+    `collate` makes a batch from a list of dialogues (indices for `DialogueData.collate`).
+    Returns (alone, padded_batch, padded)."""
+    with torch.no_grad():
+        alone = model(collate([short]))
+        padded_batch = collate([long, short])
+        padded = model(padded_batch)
+    assert padded_batch.mask[1].sum() == n and not padded_batch.mask[1, n:].any()
+    return alone, padded_batch, padded

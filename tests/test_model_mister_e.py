@@ -1,6 +1,7 @@
 """MiSTER-E (erc/models/mister_e.py) on tiny generated dialogues (no Ray)."""
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import torch
 from erc.data.dialogues import IGNORE, Batch
 from erc.models import MODELS, ModelSpec, build_model
 from erc.train import TrainConfig, load_task, seed_everything
-from tests.fixtures import INPUTS, MISSING_AUDIO_ROW
+from tests.fixtures import (INPUTS, MISSING_AUDIO_ROW, alone_and_padded, one_torch_thread, overfit,
+                            seeded_loss, shortest_and_longest)
 
 SMALL = {"width": 16, "attn_dim": 12, "heads": 3, "gru_layers": 2, "cross_blocks": 2, "dropout": 0.1}
 SUBSETS = [("text",), ("audio",), ("text", "audio")]
@@ -33,10 +35,8 @@ def mosi_task(tiny_mosi):
 @pytest.fixture(autouse=True)
 def one_thread():
     """These models are tiny: on a shared 2-core machine, intra-op threads only add spin-waiting (~20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def restrict(spec, modalities):
@@ -167,18 +167,12 @@ def test_missing_modality_rows_are_masked(emotion_task):
 def test_padding_invariance(emotion_task, mosi_task, which):
     task = emotion_task if which == "emotion" else mosi_task
     data = task.splits["train"]
-    lengths = [len(d.rows) for d in data.dialogues]
-    short, long = int(np.argmin(lengths)), int(np.argmax(lengths))
-    n = lengths[short]
-    assert lengths[long] > n  # so the short one really is padded
+    short, long, n = shortest_and_longest(data)
     model = model_of(task.spec).eval()
+    alone, padded_batch, padded = alone_and_padded(model, data.collate, short, long, n)
     with torch.no_grad():
-        alone = model(data.collate([short]))
-        padded_batch = data.collate([long, short])
-        padded = model(padded_batch)
         batch = data.collate([0, 1, 2])
         plain, extra = model(batch), model(pad(batch, 4))
-    assert padded_batch.mask[1].sum() == n and not padded_batch.mask[1, n:].any()
     torch.testing.assert_close(padded.logits[1, :n], alone.logits[0, :n], atol=1e-5, rtol=0)
     torch.testing.assert_close(padded.extras["gate"][1, :n], alone.extras["gate"][0, :n], atol=1e-5, rtol=0)
     if task.has_score:
@@ -241,19 +235,8 @@ def test_class_weights_change_the_focal_terms_only(emotion_task):
 def test_overfits_a_tiny_batch(emotion_task):
     model = model_of(emotion_task.spec, width=32, dropout=0.0, attn_dropout=0.0)
     batch = emotion_task.splits["train"].collate([0, 1, 2])
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     real = batch.labels != IGNORE
-    first = None
-    for _ in range(60):
-        model.train()
-        out = model(batch)
-        first = float(out.losses["focal_mix"].detach()) if first is None else first
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        out = model(batch)
+    out, first = overfit(model, batch, steps=60, lr=3e-3, first_of="focal_mix")
     accuracy = (out.logits.argmax(-1)[real] == batch.labels[real]).float().mean().item()
     assert accuracy == 1.0
     assert float(out.losses["focal_mix"]) < 0.05 * first
@@ -262,11 +245,7 @@ def test_overfits_a_tiny_batch(emotion_task):
 def test_same_seed_same_loss(mosi_task):
     batch = mosi_task.splits["train"].collate([0, 1, 2, 3])
 
-    def loss_with(seed):
-        seed_everything(seed)
-        model = build_model("mister_e", mosi_task.spec, SMALL).train()  # dropout draws from the seed too
-        with torch.no_grad():
-            return float(model(batch).loss)
+    loss_with = functools.partial(seeded_loss, "mister_e", mosi_task.spec, SMALL, batch)  # (seed) -> loss
 
     assert loss_with(0) == loss_with(0)
     assert loss_with(0) != loss_with(1)

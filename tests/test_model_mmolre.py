@@ -5,6 +5,7 @@ binary sentiment + score (MOSI-like, the sentiment task alone with a regression 
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -15,8 +16,9 @@ from erc.models import MODELS, ModelSpec, build_model
 from erc.models.blocks import LowRankExpert
 from erc.models.blocks import load_balance, top_k_gates
 from erc.models.mmolre import parameter_counts
-from erc.train import TrainConfig, load_task, seed_everything
-from tests.fixtures import INPUTS, MISSING_AUDIO_ROW, make_prepared
+from erc.train import TrainConfig, load_task
+from tests.fixtures import (INPUTS, MISSING_AUDIO_ROW, alone_and_padded, make_prepared, one_torch_thread, overfit,
+                            seeded_loss, shortest_and_longest)
 
 SMALL = {"hidden": 32, "rank": 8, "num_shared": 3, "top_k": 2, "dropout": 0.1}
 
@@ -28,10 +30,8 @@ def task_of(path, inputs=INPUTS):
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """These tensors are tiny: one thread is ~60x faster than two fighting over a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -182,16 +182,9 @@ def test_missing_modality_rows_are_masked(tasks):
 def test_padding_invariance(tasks, kind):
     task = tasks[kind]
     data = task.splits["train"]
-    lengths = [len(d.rows) for d in data.dialogues]
-    short, long = int(np.argmin(lengths)), int(np.argmax(lengths))
-    n = lengths[short]
-    assert lengths[long] > n  # so the short one really is padded
+    short, long, n = shortest_and_longest(data)
     model = model_for(task.spec).eval()
-    with torch.no_grad():
-        alone = model(data.collate([short]))
-        batch = data.collate([long, short])
-        together = model(batch)
-    assert batch.mask[1].sum() == n and not batch.mask[1, n:].any()
+    alone, batch, together = alone_and_padded(model, data.collate, short, long, n)
     torch.testing.assert_close(together.logits[1, :n], alone.logits[0, :n], atol=1e-5, rtol=0)
     if kind == "mosi":
         torch.testing.assert_close(together.score[1, :n], alone.score[0, :n], atol=1e-5, rtol=0)
@@ -332,18 +325,7 @@ def test_overfits_a_tiny_batch(tasks, kind):
     task = tasks[kind]
     model = model_for(task.spec, dropout=0.0)
     batch = task.splits["train"].collate([0, 1, 2])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    first = None
-    for _ in range(200):
-        model.train()
-        loss = model(batch).loss
-        first = float(loss.detach()) if first is None else first
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        out = model(batch)
+    out, first = overfit(model, batch, steps=200, lr=1e-2)
     real = batch.labels != IGNORE
     assert (out.logits.argmax(-1)[real] == batch.labels[real]).all()
     if kind == "meld":
@@ -357,11 +339,7 @@ def test_overfits_a_tiny_batch(tasks, kind):
 def test_same_seed_same_loss(tasks):
     batch = tasks["meld"].splits["train"].collate([0, 1, 2, 3])
 
-    def loss_with(seed):
-        seed_everything(seed)
-        model = build_model("mmolre", tasks["meld"].spec, SMALL).train()  # dropout draws from the seed too
-        with torch.no_grad():
-            return float(model(batch).loss)
+    loss_with = functools.partial(seeded_loss, "mmolre", tasks["meld"].spec, SMALL, batch)  # (seed) -> loss
 
     assert loss_with(0) == loss_with(0)
     assert loss_with(0) != loss_with(1)

@@ -1,6 +1,7 @@
 """SDT (transformer with self-distillation) on tiny generated dialogues (no Ray)."""
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -9,8 +10,8 @@ import torch
 from erc.data.dialogues import IGNORE, Batch
 from erc.models import ModelOutput, ModelSpec, build_model
 from erc.models.sdt import IEMOCAP_CLASS_WEIGHTS
-from erc.train import TrainConfig, load_task, seed_everything
-from tests.fixtures import INPUTS
+from erc.train import TrainConfig, load_task
+from tests.fixtures import INPUTS, alone_and_padded, one_torch_thread, overfit, seeded_loss, shortest_and_longest
 
 SMALL = {"hidden": 32, "heads": 4, "ff_dim": 32, "dropout": 0.1}
 VIDEO_DIM = 6
@@ -23,10 +24,8 @@ def task_of(path, inputs=INPUTS):
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models: one intra-op thread is faster, and far faster on a loaded 2-core machine (spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -122,17 +121,10 @@ def test_missing_modality_rows_are_masked(emotion_task):
 def test_padding_invariance(emotion_task, mosi_task, which):
     task = emotion_task if which == "emotion" else mosi_task
     data = task.splits["train"]
-    lengths = [len(d.rows) for d in data.dialogues]
-    short, long = int(np.argmin(lengths)), int(np.argmax(lengths))
-    n = lengths[short]
-    assert lengths[long] > n
+    short, long, n = shortest_and_longest(data)
     torch.manual_seed(0)
     model = build_model("sdt", task.spec, SMALL).eval()
-    with torch.no_grad():
-        alone = model(data.collate([short]))
-        padded_batch = data.collate([long, short])
-        padded = model(padded_batch)
-    assert padded_batch.mask[1].sum() == n and not padded_batch.mask[1, n:].any()
+    alone, padded_batch, padded = alone_and_padded(model, data.collate, short, long, n)
     for key in ("logits", "score"):
         if getattr(alone, key) is not None:
             torch.testing.assert_close(getattr(padded, key)[1, :n], getattr(alone, key)[0, :n], atol=1e-5, rtol=0)
@@ -283,19 +275,8 @@ def test_overfits_a_tiny_batch(emotion_task):
     torch.manual_seed(0)
     model = build_model("sdt", emotion_task.spec, {**SMALL, "dropout": 0.0})
     batch = emotion_task.splits["train"].collate([0, 1, 2])
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     real = batch.labels != IGNORE
-    first = None
-    for _ in range(150):
-        model.train()
-        loss = model(batch).loss
-        first = float(loss.detach()) if first is None else first
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        out = model(batch)
+    out, first = overfit(model, batch, steps=150, lr=3e-3)
     for logits in (out.logits, out.extras["logits_text"]):
         assert (logits.argmax(-1)[real] == batch.labels[real]).float().mean().item() == 1.0
     assert float(out.loss) < 0.1 * first
@@ -304,11 +285,7 @@ def test_overfits_a_tiny_batch(emotion_task):
 def test_same_seed_same_loss(mosi_task):
     batch = mosi_task.splits["train"].collate([0, 1, 2, 3])
 
-    def loss_with(seed):
-        seed_everything(seed)
-        model = build_model("sdt", mosi_task.spec, SMALL).train()  # dropout draws from the seed too
-        with torch.no_grad():
-            return float(model(batch).loss)
+    loss_with = functools.partial(seeded_loss, "sdt", mosi_task.spec, SMALL, batch)  # (seed) -> loss
 
     assert loss_with(0) == loss_with(0)
     assert loss_with(0) != loss_with(1)

@@ -2,6 +2,7 @@
 IKD teacher, checkpoints, overfitting and seeding, on small generated dialogues (no Ray)."""
 
 import dataclasses
+import functools
 import json
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 
 from erc.data.dialogues import IGNORE, Batch
 from erc.models import MODELS, ModelOutput, ModelSpec, build_model
-from erc.train import load_checkpoint, seed_everything
+from erc.train import load_checkpoint
+from tests.fixtures import alone_and_padded, one_torch_thread, overfit, seeded_loss
 
 DIMS = {"text": 16, "audio": 8, "video": 6}
 CLASSES = 3
@@ -96,10 +98,8 @@ def write_teacher(directory, *, text_dim=DIMS["text"], num_classes=CLASSES, seed
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """These models are tiny: one thread is faster, and far faster when the 2 cores are busy (measured 40x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -199,12 +199,8 @@ def test_padding_invariance(teacher_dir, with_teacher):
     spec = spec_for(has_score=True)
     model = summer(spec, teacher_checkpoint=teacher_dir if with_teacher else None).eval()
     short, long = make_dialogues([3, 9], seed=4, with_score=True)
-    with torch.no_grad():
-        alone = model(collate([short]))
-        padded_batch = collate([long, short])
-        padded = model(padded_batch)
     n = 3
-    assert padded_batch.mask[1].sum() == n and not padded_batch.mask[1, n:].any()
+    alone, padded_batch, padded = alone_and_padded(model, collate, short, long, n)
     torch.testing.assert_close(padded.logits[1, :n], alone.logits[0, :n], atol=1e-5, rtol=0)
     torch.testing.assert_close(padded.score[1, :n], alone.score[0, :n], atol=1e-5, rtol=0)
     for key in [k for k in alone.extras if k.startswith("router.")] + ["hcmf_weights", "hidden"]:
@@ -382,19 +378,8 @@ def test_latent_kd_is_zero_when_the_projection_matches_the_teacher(teacher_dir, 
 def test_overfits_a_tiny_batch():
     model = summer(spec_for(), dropout=0.0)
     batch = collate(make_dialogues([6, 5, 7], seed=9))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     real = batch.labels != IGNORE
-    first = None
-    for _ in range(150):
-        model.train()
-        loss = model(batch).loss
-        first = float(loss.detach()) if first is None else first
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        out = model(batch)
+    out, first = overfit(model, batch, steps=150, lr=3e-3)
     accuracy = (out.logits.argmax(-1)[real] == batch.labels[real]).float().mean().item()
     assert accuracy == 1.0
     assert float(out.losses["ce"]) < 0.1 * first
@@ -403,11 +388,8 @@ def test_overfits_a_tiny_batch():
 def test_same_seed_same_loss(teacher_dir):
     batch = collate(make_dialogues([5, 6, 4], seed=10, with_score=True))
 
-    def loss_with(seed):
-        seed_everything(seed)
-        model = build_model("summer", spec_for(has_score=True), {**SMALL, "teacher_checkpoint": teacher_dir}).train()
-        with torch.no_grad():
-            return float(model(batch).loss)  # dropout draws from the seed too
+    loss_with = functools.partial(seeded_loss, "summer", spec_for(has_score=True),
+                                  {**SMALL, "teacher_checkpoint": teacher_dir}, batch)  # (seed) -> loss
 
     assert loss_with(0) == loss_with(0)
     assert loss_with(0) != loss_with(1)

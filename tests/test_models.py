@@ -1,6 +1,7 @@
 """The model interface and the context baseline, on tiny generated dialogues (no Ray)."""
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -8,8 +9,9 @@ import torch
 
 from erc.data.dialogues import IGNORE
 from erc.models import MODELS, ModelOutput, ModelSpec, build_model
-from erc.train import TrainConfig, load_task, seed_everything
-from tests.fixtures import AUDIO_DIM, INPUTS, TEXT_DIM
+from erc.train import TrainConfig, load_task
+from tests.fixtures import (AUDIO_DIM, INPUTS, TEXT_DIM, alone_and_padded, overfit, seeded_loss,
+                            shortest_and_longest)
 
 SMALL = {"hidden": 16, "dropout": 0.1}
 
@@ -110,17 +112,10 @@ def test_missing_modality_rows_are_masked(emotion_task):
 def test_padding_invariance(emotion_task, mosi_task, which):
     task = emotion_task if which == "emotion" else mosi_task
     data = task.splits["train"]
-    lengths = [len(d.rows) for d in data.dialogues]
-    short, long = int(np.argmin(lengths)), int(np.argmax(lengths))
-    n = lengths[short]
-    assert lengths[long] > n  # so the short one really is padded
+    short, long, n = shortest_and_longest(data)
     torch.manual_seed(0)
     model = build_model("baseline", task.spec, SMALL).eval()
-    with torch.no_grad():
-        alone = model(data.collate([short]))
-        padded_batch = data.collate([long, short])
-        padded = model(padded_batch)
-    assert padded_batch.mask[1].sum() == n and not padded_batch.mask[1, n:].any()
+    alone, padded_batch, padded = alone_and_padded(model, data.collate, short, long, n)
     torch.testing.assert_close(padded.logits[1, :n], alone.logits[0, :n], atol=1e-5, rtol=0)
     if task.has_score:
         torch.testing.assert_close(padded.score[1, :n], alone.score[0, :n], atol=1e-5, rtol=0)
@@ -159,19 +154,8 @@ def test_overfits_a_tiny_batch(emotion_task):
     torch.manual_seed(0)
     model = build_model("baseline", emotion_task.spec, {"hidden": 32, "dropout": 0.0})
     batch = emotion_task.splits["train"].collate([0, 1, 2])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     real = batch.labels != IGNORE
-    first = None
-    for _ in range(300):
-        model.train()
-        loss = model(batch).loss
-        first = float(loss.detach()) if first is None else first
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        out = model(batch)
+    out, first = overfit(model, batch, steps=300, lr=1e-2)
     accuracy = (out.logits.argmax(-1)[real] == batch.labels[real]).float().mean().item()
     assert accuracy == 1.0
     assert float(out.loss) < 0.1 * first
@@ -180,11 +164,7 @@ def test_overfits_a_tiny_batch(emotion_task):
 def test_same_seed_same_loss(mosi_task):
     batch = mosi_task.splits["train"].collate([0, 1, 2, 3])
 
-    def loss_with(seed):
-        seed_everything(seed)
-        model = build_model("baseline", mosi_task.spec, SMALL).train()  # dropout draws from the seed too
-        with torch.no_grad():
-            return float(model(batch).loss)
+    loss_with = functools.partial(seeded_loss, "baseline", mosi_task.spec, SMALL, batch)  # (seed) -> loss
 
     assert loss_with(0) == loss_with(0)
     assert loss_with(0) != loss_with(1)
