@@ -11,12 +11,25 @@ import yaml
 from erc.errors import ErcDataError
 
 
-def load_params(path="params.yaml") -> dict:
+def load_params(path="params.yaml", overrides=()) -> dict:
+    """params.yaml, with `overrides` applied: `dotted.key=value` strings, values read as YAML (as `dvc exp run -S`)."""
     try:
         with open(path) as f:
-            return yaml.safe_load(f) or {}
+            params = yaml.safe_load(f) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ErcDataError(path, f"unreadable params ({str(e).splitlines()[0]})") from None
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ErcDataError(path, f"override {override!r} is not key=value")
+        *parents, leaf = key.split(".")
+        node = params
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ErcDataError(path, f"override {override!r}: {name} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return params
 
 
 def stage_main(fn):

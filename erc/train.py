@@ -14,6 +14,7 @@ import random
 import shutil
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from erc.data import canonical
-from erc.data.dialogues import IGNORE, DialogueData, feature_stats, split_data
+from erc.data.dialogues import IGNORE, DialogueData, deal, feature_stats, split_data
 from erc.errors import ErcDataError
 from erc.io import atomic_path
 from erc.metrics import split_metrics
@@ -48,10 +49,17 @@ class TrainConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     class_weights: list | None = None
+    grad_accum_steps: int = 1  # micro-batches per worker per optimizer step
     num_workers: int = 1
-    cpus_per_worker: int | None = None  # None: the machine's CPUs shared evenly
-    use_gpu: bool = False
-    storage_path: str = "ray_results"
+    cpus_per_worker: float | None = None  # None: the machine's CPUs shared evenly
+    use_gpu: bool = False  # one GPU per worker
+    placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD, STRICT_SPREAD, STRICT_PACK
+    backend: str = "auto"  # ddp | deepspeed | auto (DeepSpeed on GPUs, DDP on CPU)
+    precision: str = "auto"  # fp32 | bf16 | fp16 (deepspeed only) | auto (bf16 on GPUs, fp32 on CPU)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage (0-2: optimizer state and gradients partitioned)
+    offload_optimizer: bool = False  # DeepSpeed: optimizer state in CPU memory (uses DeepSpeed's CPU Adam)
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails
+    storage_path: str = "ray_results"  # checkpoints; a shared path or s3://... URI on a cluster
     experiment: str = "erc"
     tracking_uri: str | None = None
     run_id: str | None = None  # the MLflow run the workers log epochs into
@@ -94,8 +102,9 @@ def configs_from_params(params: dict, dataset: str, model: str, *, source="param
     model_config = {**(params.get("models", {}).get(model) or {}), **(model_overrides or {})}
     try:
         MODELS[model].Config(**model_config)
-        return [TrainConfig(dataset=dataset, prepared=f"data/prepared/{dataset}",
-                            feature_dirs=[f"data/features/{dataset}"], inputs=inputs, model=model,
+        data = params.get("data_dir", "data")  # a shared path on a cluster, so that every node sees it
+        return [TrainConfig(dataset=dataset, prepared=f"{data}/prepared/{dataset}",
+                            feature_dirs=[f"{data}/features/{dataset}"], inputs=inputs, model=model,
                             model_config=model_config, seed=seed, **shared)
                 for seed in (seeds if seeds is not None else train["seeds"])]
     except TypeError as e:  # an unknown key in train or models.<model>
@@ -135,35 +144,49 @@ def load_task(cfg: TrainConfig, splits=("train", "valid")) -> Task:
 
 
 @torch.inference_mode()
-def predict(model, data: DialogueData, batch_size: int = 32) -> dict[str, np.ndarray]:
+def predict(model, data: DialogueData, batch_size: int = 32, device="cpu", float_dtype=None) -> dict[str, np.ndarray]:
     """Predictions for every labelled utterance of `data`, in table-row order."""
     model.eval()
+    if not len(data):
+        return {}
     rows, true, pred, score_true, score_pred = [], [], [], [], []
     for batch in data.batches(batch_size):
-        out = model(batch)
+        out = model(batch.to(device, float_dtype))
         keep = batch.labels != IGNORE
         rows.append(batch.rows[keep].numpy())
         true.append(batch.labels[keep].numpy())
-        pred.append(out.logits.argmax(-1)[keep].numpy())
+        pred.append(out.logits.argmax(-1).cpu()[keep].numpy())
         if out.score is not None:
             score_true.append(batch.score[keep].numpy())
-            score_pred.append(out.score[keep].float().numpy())
-    result = {"rows": np.concatenate(rows), "true": np.concatenate(true), "pred": np.concatenate(pred)}
-    if score_pred:
-        result["score_true"], result["score_pred"] = np.concatenate(score_true), np.concatenate(score_pred)
-    order = np.argsort(result["rows"])
+            score_pred.append(out.score.float().cpu()[keep].numpy())
+    return merge_predictions([{"rows": np.concatenate(rows), "true": np.concatenate(true), "pred": np.concatenate(pred),
+                               **({"score_true": np.concatenate(score_true), "score_pred": np.concatenate(score_pred)}
+                                  if score_pred else {})}])
+
+
+def merge_predictions(parts: list[dict]) -> dict[str, np.ndarray]:
+    """One split's predictions from several workers' parts, in table-row order."""
+    parts = [p for p in parts if len(p.get("rows", ()))]
+    result = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(result["rows"], kind="stable")
     return {k: v[order] for k, v in result.items()}
 
 
 def evaluate(model, data: DialogueData, task: Task, prefix: str) -> tuple[dict, np.ndarray, dict]:
     """Metrics, confusion matrix and the predictions themselves, over the whole split."""
-    p = predict(model, data)
+    return score(predict(model, data), task, prefix)
+
+
+def score(p: dict, task: Task, prefix: str) -> tuple[dict, np.ndarray, dict]:
     metrics, cm = split_metrics(p["true"], p["pred"], task.labels, target=task.target,
                                 score_true=p.get("score_true"), score_pred=p.get("score_pred"), prefix=prefix)
     return metrics, cm, p
 
 
 # ---------------------------------------------------------------- checkpoints
+
+
+MODEL_FILES = ("model.pt", "model.json")  # what `load_checkpoint` reads
 
 
 def save_checkpoint(directory, model, cfg: TrainConfig, task: Task, epoch: int, metrics: dict) -> None:
@@ -188,67 +211,123 @@ def load_checkpoint(directory):
 # ---------------------------------------------------------------- worker side
 
 
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Each epoch (and worker) starts from its own seed, so a run restored at an epoch boundary continues
+    exactly as the uninterrupted run would have."""
+    return (seed * 1_000_003 + epoch * 1009 + rank) % 2**32
+
+
+def selection_score(val_score: float, epoch: int) -> float:
+    """Ray ranks checkpoints by one number and prefers the later of equal ones; selection prefers the first
+    best epoch, so equal scores are separated by a tie-break far below any real difference in F1."""
+    return val_score - 1e-9 * epoch
+
+
+def train_epoch(stepper, data: DialogueData, cfg: TrainConfig, epoch: int, rank: int, world: int) -> dict:
+    """One pass over the training split; returns this worker's share of the loss terms and utterance count.
+
+    Every worker walks the same global batches of `cfg.batch_size` dialogues and takes its dealt part (in
+    `grad_accum_steps` micro-batches). Each part's loss is weighted by its share of the global batch's labelled
+    utterances, so the averaged gradient is the one a single worker would compute on the whole batch.
+    """
+    parts = world * cfg.grad_accum_steps
+    totals, seen, steps = {}, 0, 0
+    for indices in data.batch_indices(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch):
+        labelled = data.labelled(indices)
+        micro = deal(indices, parts)
+        for step in range(cfg.grad_accum_steps):
+            part = micro[step * world + rank]
+            weight = world * data.labelled(part) / max(labelled, 1)
+            if not len(part):  # fewer dialogues than parts: run a real batch at weight 0 to join the all-reduce
+                part = indices[:1]
+            batch = data.collate(part).to(stepper.device, stepper.input_dtype)
+            with stepper.autocast():
+                out = stepper(batch)
+            stepper.backward(out.loss * weight, sync=step == cfg.grad_accum_steps - 1)
+            if weight:
+                seen += batch.num_utterances
+            for k, v in out.losses.items():  # weight / world: the terms sum over workers to the global mean
+                totals[k] = totals.get(k, 0.0) + float(v.detach()) * weight / world
+        stepper.step()
+        steps += 1
+    return {"losses": totals, "steps": steps, "utterances": seen}
+
+
 def train_loop_per_worker(config: dict) -> None:
+    import ray
     import ray.train
-    import ray.train.torch
+
+    from erc import distributed
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise here
     cfg = TrainConfig(**config)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     if cfg.cpus_per_worker:
-        torch.set_num_threads(cfg.cpus_per_worker)
+        torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
     seed_everything(cfg.seed)
     task = load_task(cfg)
+    train, valid = task.splits["train"], task.splits["valid"]
+    valid_part = valid.subset(range(rank, len(valid), world))
     model = build_model(cfg.model, task.spec, cfg.model_config)
-    model = ray.train.torch.prepare_model(model)
-    core = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    per_worker = max(1, cfg.batch_size // world)
+    state = {"epoch": -1, "best": -1.0, "since_best": 0, "restored_from": []}
+    restored = ray.train.get_checkpoint()
+    if restored:  # a restarted worker group: weights before wrapping, the rest after
+        with restored.as_directory() as directory:
+            model.load_state_dict(torch.load(Path(directory) / "model.pt", weights_only=True)["state_dict"])
+            state = json.loads((Path(directory) / "trainer_state.json").read_text())
+            stepper = distributed.stepper(cfg, model, world)
+            stepper.load(Path(directory))
+        state["restored_from"] = state["restored_from"] + [state["epoch"]]
+    else:
+        stepper = distributed.stepper(cfg, model, world)
 
     client = None
+    nodes = distributed.gather(ray.get_runtime_context().get_node_id())
     if rank == 0 and cfg.run_id:
         import mlflow
 
         client = mlflow.MlflowClient(cfg.tracking_uri)
+        client.set_tag(cfg.run_id, "ray_nodes", str(len(set(nodes))))
+        if restored:
+            client.log_metric(cfg.run_id, "restored_from_epoch", state["epoch"], step=len(state["restored_from"]))
 
-    best, since_best = -1.0, 0
-    for epoch in range(cfg.epochs):
-        model.train()
-        start, seen, loss_sum, steps = time.perf_counter(), 0, {}, 0
-        for batch in task.splits["train"].batches(per_worker, shuffle=True, seed=cfg.seed * 1000 + epoch,
-                                                  shard=(rank, world)):
-            out = model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            seen += batch.num_utterances
-            steps += 1
-            for k, v in out.losses.items():
-                loss_sum[k] = loss_sum.get(k, 0.0) + float(v.detach())
+    for epoch in range(state["epoch"] + 1, cfg.epochs):
+        seed_everything(epoch_seed(cfg.seed, epoch, rank))
+        stepper.module.train()
+        start = time.perf_counter()
+        done = train_epoch(stepper, train, cfg, epoch, rank, world)
         seconds = time.perf_counter() - start
-        metrics, _, _ = evaluate(core, task.splits["valid"], task, prefix="val_")
-        metrics.update({f"train_loss_{k}": v / max(steps, 1) for k, v in loss_sum.items()})
-        metrics.update({"epoch": epoch, "train_utterances_per_s": seen * world / max(seconds, 1e-9)})
-        improved = metrics[SELECT] > best
-        best, since_best = (metrics[SELECT], 0) if improved else (best, since_best + 1)
-        metrics["best_" + SELECT] = best
+        gathered = distributed.gather({"train": done, "valid": predict(stepper.module, valid_part, device=stepper.device,
+                                                                      float_dtype=stepper.input_dtype)})
+        metrics, _, _ = score(merge_predictions([g["valid"] for g in gathered]), task, prefix="val_")
+        losses = {}
+        for g in gathered:
+            for k, v in g["train"]["losses"].items():
+                losses[k] = losses.get(k, 0.0) + v
+        metrics.update({f"train_loss_{k}": v / max(done["steps"], 1) for k, v in losses.items()})
+        utterances = sum(g["train"]["utterances"] for g in gathered)
+        metrics.update({"epoch": epoch, "train_utterances_per_s": utterances / max(seconds, 1e-9)})
+        if metrics[SELECT] > state["best"]:
+            state.update(best=metrics[SELECT], since_best=0)
+        else:
+            state["since_best"] += 1
+        state["epoch"] = epoch
+        metrics["best_" + SELECT] = state["best"]
+        metrics["selection_score"] = selection_score(metrics[SELECT], epoch)
         if client is not None:
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
             client.log_batch(cfg.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+        # Every epoch is checkpointed: the latest one restores a failed run, the best one is evaluated.
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            # Checkpoint only on a strict improvement: Ray ranks equal scores latest-first and drops the
-            # oldest, so checkpointing every epoch would select a later epoch among ties, not the first best.
-            if rank == 0 and improved:
-                save_checkpoint(tmp, core, cfg, task, epoch, metrics)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
-        if since_best >= cfg.patience:
+            if rank == 0:
+                save_checkpoint(tmp, stepper.module, cfg, task, epoch, metrics)
+                (Path(tmp) / "trainer_state.json").write_text(json.dumps(state))
+            stepper.save(Path(tmp), rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        if state["since_best"] >= cfg.patience:
             break
 
 
@@ -256,34 +335,57 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (`ray job submit` sets it), else start a local Ray on 127.0.0.1."""
     import ray
 
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "60")
+    # Ray Train's controller takes one report per health check (2 s by default) and a worker's report waits
+    # for it: with a report every epoch that was 2 s an epoch. Ray processes inherit this from the driver.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(configure_logging=False)
+    else:
         # The dashboard stays on: Ray's state API (used by Train and Tune to clean up) needs it.
-        ray.init(num_cpus=num_cpus or os.cpu_count(), configure_logging=False, _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), configure_logging=False,
+                 _node_ip_address="127.0.0.1")
 
 
-def fit(cfg: TrainConfig):
+def fit(cfg: TrainConfig, callbacks=()):
     """Train with Ray Train and return the Ray result (its best checkpoint is the validation-selected one)."""
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    cpus = cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers)
-    cfg.cpus_per_worker = cpus
+    if cfg.batch_size < cfg.num_workers * cfg.grad_accum_steps:
+        raise ValueError(f"batch_size {cfg.batch_size} is smaller than num_workers x grad_accum_steps")
+    cfg.cpus_per_worker = cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=asdict(cfg),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cpus}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+                                     placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
-            name=f"{cfg.dataset}-{cfg.model}-seed{cfg.seed}-{int(time.time())}",
-            storage_path=str(Path(cfg.storage_path).resolve()),
-            checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=SELECT,
+            name=f"{cfg.dataset}-{cfg.model}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+            storage_path=cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve()),
+            # The best checkpoint and the latest (which Ray always keeps) are all a run needs.
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="selection_score",
                                                checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=list(callbacks),
         ),
     )
     return trainer.fit()
+
+
+def resolve_locations(cfg: TrainConfig) -> None:
+    """Absolute data paths (workers do not share the driver's working directory) and the tracking URI."""
+    from erc import tracking
+
+    cfg.tracking_uri = cfg.tracking_uri or tracking.tracking_uri()
+    cfg.prepared = str(Path(cfg.prepared).resolve())
+    cfg.feature_dirs = [str(Path(d).resolve()) for d in cfg.feature_dirs]
 
 
 def run(cfg: TrainConfig, *, tags: dict | None = None, export_checkpoint=None) -> dict:
@@ -293,12 +395,9 @@ def run(cfg: TrainConfig, *, tags: dict | None = None, export_checkpoint=None) -
     """
     import mlflow
 
-    from erc import tracking
+    from erc import distributed, tracking
 
-    cfg.tracking_uri = cfg.tracking_uri or tracking.tracking_uri()
-    # Workers do not share the driver's working directory.
-    cfg.prepared = str(Path(cfg.prepared).resolve())
-    cfg.feature_dirs = [str(Path(d).resolve()) for d in cfg.feature_dirs]
+    resolve_locations(cfg)
     client = mlflow.MlflowClient(cfg.tracking_uri)
     prep_meta = json.loads((Path(cfg.prepared) / "meta.json").read_text())
     run_tags = {
@@ -311,6 +410,7 @@ def run(cfg: TrainConfig, *, tags: dict | None = None, export_checkpoint=None) -
     try:
         params = tracking.flatten({k: v for k, v in asdict(cfg).items() if k not in ("run_id", "tracking_uri")})
         params.update({f"model_config.{k}": v for k, v in asdict(MODELS[cfg.model].Config(**cfg.model_config)).items()})
+        params.update(distributed.describe(cfg, cfg.num_workers))
         for key, value in params.items():
             client.log_param(cfg.run_id, key, str(value)[:6000])
 
@@ -318,15 +418,19 @@ def run(cfg: TrainConfig, *, tags: dict | None = None, export_checkpoint=None) -
         result = fit(cfg)
         if result.error:
             raise result.error
-        best = result.get_best_checkpoint(metric=SELECT, mode="max")
+        best = result.get_best_checkpoint(metric="selection_score", mode="max")
         with best.as_directory() as ckpt_dir:
             model, info = load_checkpoint(ckpt_dir)
             task = load_task(cfg, splits=("test",))
             test, cm, pred = evaluate(model, task.splits["test"], task, prefix="test_")  # the one look at test
-            client.log_artifacts(cfg.run_id, ckpt_dir, "checkpoint")
+            # The model alone: optimizer state and DeepSpeed partitions only matter to a restarting run.
+            for name in MODEL_FILES:
+                client.log_artifact(cfg.run_id, str(Path(ckpt_dir) / name), "checkpoint")
             if export_checkpoint:
                 with atomic_path(export_checkpoint) as tmp:
-                    shutil.copytree(ckpt_dir, tmp)
+                    Path(tmp).mkdir()
+                    for name in MODEL_FILES:
+                        shutil.copy2(Path(ckpt_dir) / name, Path(tmp) / name)
         tracking.log_predictions(client, cfg.run_id, task, pred)
         test["selected_epoch"] = info["epoch"]
         test["selected_" + SELECT] = info["metrics"][SELECT]

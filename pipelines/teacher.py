@@ -18,9 +18,11 @@ def main():
     parser.add_argument("dataset")
     parser.add_argument("--out", required=True)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. --set train.num_workers=4 --set data_dir=/mnt/erc/data")
     args = parser.parse_args()
 
-    params = load_params(args.params)
+    params = load_params(args.params, args.set)
     teacher = params["teacher"]
     (cfg,) = configs_from_params(params, args.dataset, teacher["model"], source=args.params, seeds=[teacher["seed"]],
                                  modalities=[teacher["modality"]])

@@ -13,16 +13,22 @@ if str(_Path(__file__).resolve().parent.parent) not in _sys.path:  # `from tests
     _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
 
 
+_os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # as erc.train.init_ray sets it
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole test session (each ray.init costs seconds)."""
+    """One Ray for the whole test session (each start costs seconds): a real two-node cluster on this machine,
+    two logical CPUs a node, so that multi-worker runs can be spread over nodes."""
     import ray
+    from ray.cluster_utils import Cluster
 
-    from erc.train import init_ray
-
-    init_ray(num_cpus=2)
-    yield
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
+    cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, configure_logging=False)
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture(scope="session")

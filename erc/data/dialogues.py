@@ -35,11 +35,16 @@ class Batch:
     score: torch.Tensor
     rows: torch.Tensor
 
-    def to(self, device) -> "Batch":
+    def to(self, device, float_dtype: torch.dtype | None = None) -> "Batch":
+        """On `device`; floating tensors also cast to `float_dtype` when given (a bf16/fp16 engine)."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, float_dtype) if float_dtype is not None and t.is_floating_point() else t.to(device)
+
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            moved[f.name] = {k: v.to(device) for k, v in value.items()} if isinstance(value, dict) else value.to(device)
+            moved[f.name] = {k: move(v) for k, v in value.items()} if isinstance(value, dict) else move(value)
         return Batch(**moved)
 
     @property
@@ -95,27 +100,43 @@ class DialogueData:
                      torch.from_numpy(labels), torch.from_numpy(sentiment), torch.from_numpy(score),
                      torch.from_numpy(rows))
 
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, shard: tuple[int, int] = (0, 1)):
-        """Yield batches of `batch_size` dialogues; `shard=(rank, world)` takes every world-th batch.
+    def subset(self, indices) -> "DialogueData":
+        """These dialogues only (sharing the feature matrices): one worker's part of a split."""
+        return DialogueData([self.dialogues[i] for i in indices], self.features, self.present)
+
+    def labelled(self, indices) -> int:
+        """Labelled utterances in these dialogues: what a batch's loss is averaged over."""
+        return int(sum((self.dialogues[i].labels != IGNORE).sum() for i in indices))
+
+    def batch_indices(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> list[np.ndarray]:
+        """Dialogue indices of each batch of `batch_size` dialogues, the same for any number of workers.
 
         Shuffling sorts by length inside buckets of 10 batches, so padding stays small while the batch
-        composition still changes from epoch to epoch.
+        composition still changes from epoch to epoch; each batch is ordered longest first.
         """
         order = np.arange(len(self.dialogues))
-        if shuffle:
-            order = np.random.default_rng(seed).permutation(order)
-            lengths = np.array([len(self.dialogues[i].rows) for i in order])
-            bucket = batch_size * 10
-            order = np.concatenate([order[s:s + bucket][np.argsort(-lengths[s:s + bucket], kind="stable")]
-                                    for s in range(0, len(order), bucket)])
-            starts = np.random.default_rng(seed + 1).permutation(np.arange(0, len(order), batch_size))
-        else:
-            starts = np.arange(0, len(order), batch_size)
-        rank, world = shard
-        # Every rank must take the same number of steps (DDP), so wrap around to fill the last round.
-        starts = np.concatenate([starts, starts[: (-len(starts)) % world]])
-        for start in starts[rank::world]:
-            yield self.collate(order[start:start + batch_size])
+        if not shuffle:
+            return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+        order = np.random.default_rng(seed).permutation(order)
+        lengths = np.array([len(self.dialogues[i].rows) for i in order])
+        bucket = batch_size * 10
+        order = np.concatenate([order[s:s + bucket][np.argsort(-lengths[s:s + bucket], kind="stable")]
+                                for s in range(0, len(order), bucket)])
+        starts = np.random.default_rng(seed + 1).permutation(np.arange(0, len(order), batch_size))
+        return [order[s:s + batch_size] for s in starts]
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0):
+        """Yield padded batches of `batch_size` dialogues (see `batch_indices`)."""
+        for indices in self.batch_indices(batch_size, shuffle=shuffle, seed=seed):
+            yield self.collate(indices)
+
+
+def deal(indices: np.ndarray, parts: int) -> list[np.ndarray]:
+    """Split a longest-first batch into `parts` of near-equal length by dealing it like cards.
+
+    A part may be empty when the batch has fewer dialogues than parts.
+    """
+    return [indices[p::parts] for p in range(parts)]
 
 
 def feature_stats(prep: Prepared, name: str) -> tuple[np.ndarray, np.ndarray]:

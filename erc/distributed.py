@@ -1,0 +1,174 @@
+"""How one training step is spread over Ray Train workers: DDP over gloo/NCCL, or a DeepSpeed engine.
+
+Both steppers offer the same five things to the epoch loop in `erc.train`: `module` (the bare model),
+`autocast()`, `backward(loss, sync)`, `step()`, and `save(directory)` / `load(directory)` of the state
+a restarted run needs. The DeepSpeed config is generated from `TrainConfig`, never kept as JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+DEEPSPEED_TAG = "state"  # the one DeepSpeed checkpoint inside each Ray checkpoint
+
+
+def backend(cfg) -> str:
+    """`auto`: DeepSpeed on GPUs, DDP on CPU."""
+    if cfg.backend == "auto":
+        return "deepspeed" if cfg.use_gpu else "ddp"
+    return cfg.backend
+
+
+def precision(cfg) -> str:
+    """`auto`: bf16 on GPUs, fp32 on CPU (CPU bf16 kernels are slower than fp32 on most machines)."""
+    if cfg.precision == "auto":
+        return "bf16" if cfg.use_gpu else "fp32"
+    return cfg.precision
+
+
+def deepspeed_config(cfg, world: int) -> dict:
+    """The DeepSpeed config for this run. Batches here are dialogues; DeepSpeed's batch fields only have to be
+    consistent (train_batch_size = micro x accumulation x world), since erc feeds the engine itself."""
+    micro = max(1, cfg.batch_size // (world * cfg.grad_accum_steps))
+    config = {
+        "train_batch_size": micro * cfg.grad_accum_steps * world,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": cfg.grad_clip or 0.0,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.offload_optimizer:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        # DeepSpeed's CPU Adam (compiled on first use) replaces the torch optimizer when offloading.
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay}}
+    mode = precision(cfg)
+    if mode == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif mode == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return config
+
+
+def gather(obj) -> list:
+    """`obj` from every worker, in rank order (just `[obj]` outside a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class DDPStepper:
+    """Plain torch: the model under Ray's `prepare_model` (DDP when there are several workers), AdamW."""
+
+    def __init__(self, cfg, model: torch.nn.Module, world: int):
+        import ray.train.torch
+
+        self.cfg, self.world = cfg, world
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16}.get(precision(cfg), "unsupported")
+        if self.dtype == "unsupported":
+            raise ValueError(f"precision {precision(cfg)!r} needs the deepspeed backend (loss scaling)")
+        self.device = ray.train.torch.get_device()
+        # Some experts get no gradient on some batches (a missing modality, an unrouted expert).
+        self.model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+        self.module = self.model.module if hasattr(self.model, "module") else self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.input_dtype = None  # weights stay fp32; bf16 runs under autocast
+
+    def __call__(self, batch):
+        return self.model(batch)
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss, sync: bool) -> None:
+        no_sync = self.model.no_sync if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext
+        with no_sync():
+            loss.backward()
+
+    def step(self) -> None:
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, directory: Path, rank: int) -> None:
+        if rank == 0:
+            torch.save({"optimizer": self.optimizer.state_dict()}, directory / "optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class DeepSpeedStepper:
+    """A DeepSpeed engine (ZeRO stage, precision, accumulation and clipping from `deepspeed_config`)."""
+
+    def __init__(self, cfg, model: torch.nn.Module, world: int):
+        if not cfg.use_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        import ray.train
+
+        context = ray.train.get_context()
+        # DeepSpeed reads the launcher's variables; Ray has set up the process group and MASTER_* already.
+        os.environ.update(RANK=str(context.get_world_rank()), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(context.get_local_rank()),
+                          LOCAL_WORLD_SIZE=str(context.get_local_world_size()))
+        self.cfg = cfg
+        self.config = deepspeed_config(cfg, world)
+        optimizer = None
+        if "optimizer" not in self.config:
+            # A torch optimizer avoids compiling DeepSpeed's fused Adam (about a minute on CPU).
+            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
+                                               dist_init_required=False)
+        self.module = self.engine.module
+        self.device = self.engine.device
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg))
+        self.accumulation = cfg.grad_accum_steps
+
+    def __call__(self, batch):
+        return self.engine(batch)
+
+    def autocast(self):
+        return contextlib.nullcontext()  # the engine holds the weights in the chosen precision
+
+    def backward(self, loss, sync: bool) -> None:
+        # The engine divides by the accumulation steps itself; erc's loss weights already sum to the mean.
+        self.engine.backward(loss * self.accumulation)
+        # The engine counts micro-batches and only updates at the accumulation boundary (`sync`).
+        self.engine.step()
+
+    def step(self) -> None:
+        pass  # done by `backward` at the boundary
+
+    def save(self, directory: Path, rank: int) -> None:
+        # Every rank writes its ZeRO partition; Ray gathers all ranks' files into one checkpoint directory.
+        self.engine.save_checkpoint(str(directory / "deepspeed"), tag=DEEPSPEED_TAG, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        self.engine.load_checkpoint(str(directory / "deepspeed"), tag=DEEPSPEED_TAG)
+
+
+def stepper(cfg, model: torch.nn.Module, world: int):
+    return DeepSpeedStepper(cfg, model, world) if backend(cfg) == "deepspeed" else DDPStepper(cfg, model, world)
+
+
+def describe(cfg, world: int) -> dict:
+    """What the run's MLflow params record about distribution."""
+    info = {"backend": backend(cfg), "precision": precision(cfg), "world_size": world}
+    if info["backend"] == "deepspeed":
+        info["deepspeed_config"] = json.dumps(deepspeed_config(cfg, world), sort_keys=True)
+    return info
