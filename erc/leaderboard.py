@@ -36,6 +36,8 @@ def fetch_runs(client, run_ids: list[str]) -> pd.DataFrame:
         if r.info.status != "FINISHED":
             raise ErcDataError(f"mlflow run {run_id}", f"status {r.info.status}, expected FINISHED")
         row = {k: r.data.tags.get(k, "") for k in GROUP}
+        if r.data.tags.get("variant", "default") != "default":  # a tuned config sits beside the default one
+            row["model"] = f"{row['model']}-{r.data.tags['variant']}"
         row.update({"seed": int(r.data.tags.get("seed", -1)), "run_id": run_id})
         row.update({k[len("test_"):]: v for k, v in r.data.metrics.items() if k.startswith("test_")})
         rows.append(row)

@@ -1,0 +1,61 @@
+"""Stage `tune@<dataset>-<model>`: a Ray Tune search (ASHA + Optuna TPE) on validation weighted F1, every trial a
+nested MLflow run; writes the best config, which `pipelines/train.py --config` takes.
+
+    python pipelines/tune.py --dataset mosi --model summer --trials 20 --out tuned/mosi/summer.yaml
+    python pipelines/tune.py --dataset mosi --model summer --trials 20 --out tuned/mosi/summer.yaml --resume
+
+The space is `tune.space.all` + `tune.space.<model>` of params; every trial trains with the first of
+`train.seeds`. `--resume` continues an interrupted search of the same name (finished trials are kept).
+"""
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from erc.params import load_params, stage_main
+from erc.train import configs_from_params, init_ray, resolve_locations
+from erc.tune import SearchInterrupted, default_name, search, space_for, write_best
+
+
+@stage_main
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True, help="the best-config file (YAML)")
+    parser.add_argument("--trials", type=int, help="trial budget (default: tune.trials)")
+    parser.add_argument("--name", help="search name, the folder under tune.storage_path (default: tune-<dataset>-<model>)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted search of this name")
+    parser.add_argument("--teacher", help="checkpoint directory of SUMMER's frozen teacher")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
+    args = parser.parse_args()
+
+    params = load_params(args.params, args.set)
+    tune = params.get("tune") or {}
+    space = space_for(params, args.model, source=args.params)
+    overrides = {"teacher_checkpoint": str(Path(args.teacher).resolve())} if args.teacher else None
+    (base,) = configs_from_params(params, args.dataset, args.model, source=args.params,
+                                  seeds=params["train"]["seeds"][:1], model_overrides=overrides)
+    resolve_locations(base)
+    init_ray()
+    try:
+        best = search(base, space, trials=args.trials or tune.get("trials", 20),
+                      storage_path=tune.get("storage_path", "ray_results/tune"),
+                      name=args.name or default_name(args.dataset, args.model),
+                      cpus_per_trial=tune.get("cpus_per_trial", 1), max_concurrent=tune.get("max_concurrent"),
+                      grace_period=tune.get("grace_period", 3),
+                      reduction_factor=tune.get("reduction_factor", 2), seed=tune.get("seed", 0), resume=args.resume)
+    except SearchInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(130)
+    command = shlex.join(["python", "pipelines/tune.py", *[a for a in sys.argv[1:] if a != "--resume"]])
+    write_best(args.out, dataset=args.dataset, model=args.model, best=best, command=command)
+    print(best["table"].sort_values("score", ascending=False).to_string(index=False))
+    print(f"best validation weighted F1 {best['score']:.2f} of {best['trials']} trials "
+          f"(MLflow parent run {best['parent_run_id']}): {best['config']} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
