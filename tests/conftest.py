@@ -29,6 +29,17 @@ def ray_session():
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+    forget_cluster(cluster.address)
+
+
+def forget_cluster(address: str) -> None:
+    """Remove Ray's pointer to a cluster that is gone. Ray processes that look for "the" cluster read it (Ray Train's
+    placement-group cleaner does); pointing at a dead one they wait on it, and a later search never gets its CPUs."""
+    import tempfile
+
+    marker = _Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if marker.is_file() and marker.read_text().strip() == address:
+        marker.unlink()
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -200,6 +201,8 @@ def head_and_tracking_server(tmp_path):
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "artifacts")], env=env, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    previous = marker.read_text() if marker.is_file() else None  # `ray start` points it at its head
     try:
         wait_for_port(dashboard, 120)
         wait_for_port(tracking, 120)
@@ -213,6 +216,12 @@ def head_and_tracking_server(tmp_path):
             except subprocess.TimeoutExpired:  # Ray drains its node for up to 30 s first
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        # Point Ray back at the session's cluster (see conftest.forget_cluster): a stale pointer to this dead head
+        # made later Tune trials wait forever for CPUs.
+        if previous is not None:
+            marker.write_text(previous)
+        else:
+            marker.unlink(missing_ok=True)
 
 
 def test_ray_job_submit_trains_and_logs_to_the_tracking_server(head_and_tracking_server, medium, tmp_path):

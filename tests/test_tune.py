@@ -4,8 +4,10 @@ One 4-trial search in-process (module-scoped, the session's Ray) that the MLflow
 and one search through `pipelines/tune.py`, interrupted with SIGINT (Ctrl-C) and resumed with `--resume`.
 
 The searches are marked `slow` (`python -m pytest -m slow tests/test_tune.py`, about 5 minutes): each passes
-alone, but after the distributed tests in one session a trial's worker group sometimes waits for CPUs on the
-shared two-node cluster that are never freed (not yet explained; see the issue-5 note).
+alone, but after the distributed tests in one session a trial's worker group waited for CPUs that were never
+freed. The likely cause, found late: the `ray start` head of the job-submit test left /tmp/ray/ray_current_cluster
+pointing at itself once stopped, and Ray Train's placement-group cleaner waited on that dead cluster. The fixtures
+now restore that pointer; these tests can join the default run once a full run with them passes.
 """
 
 import json
