@@ -87,13 +87,10 @@ def run_trial(sample: dict, *, base: dict, parent_run_id: str, storage: str) -> 
     for key, value in {**sample, **{f"config.{k}": v for k, v in tracking.flatten(asdict(cfg)).items()
                                     if k not in ("run_id", "tracking_uri")}}.items():
         client.log_param(cfg.run_id, key, str(value)[:6000])
-    try:
-        result = fit(cfg, callbacks=[TuneReportCallback()])
-        if result.error:
-            raise result.error
-    except BaseException:
-        client.set_terminated(cfg.run_id, "FAILED")
-        raise
+    # A failed or stopped trial leaves its run open: the driver closes it from Tune's outcome (`summarise`).
+    result = fit(cfg, callbacks=[TuneReportCallback()])
+    if result.error:
+        raise result.error
     client.set_terminated(cfg.run_id, "FINISHED")
 
 
@@ -159,7 +156,10 @@ def search(base: TrainConfig, space: dict, *, trials: int, storage_path: str, na
             param_space=to_tune(space),
             tune_config=tune.TuneConfig(
                 metric=SELECT, mode="max", num_samples=trials,
-                scheduler=ASHAScheduler(max_t=base.epochs, grace_period=grace_period, reduction_factor=reduction_factor),
+                # max_t past the last epoch: a trial that is not stopped ends by itself and closes its own run,
+                # rather than being stopped by Tune at max_t in the middle of that.
+                scheduler=ASHAScheduler(max_t=base.epochs + 1, grace_period=grace_period,
+                                        reduction_factor=reduction_factor),
                 search_alg=ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrent)),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
         )
