@@ -56,3 +56,17 @@ def tiny_mosi(tmp_path_factory):
     from tests.fixtures import make_prepared
 
     return make_prepared(tmp_path_factory.mktemp("tiny") / "mosi", kind="mosi")
+
+
+@pytest.fixture(scope="module")
+def emotion_task(tiny_emotion):
+    from tests.fixtures import task_of
+
+    return task_of(tiny_emotion)
+
+
+@pytest.fixture(scope="module")
+def mosi_task(tiny_mosi):
+    from tests.fixtures import task_of
+
+    return task_of(tiny_mosi)

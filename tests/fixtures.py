@@ -20,7 +20,7 @@ import torch
 
 from erc.data import canonical
 from erc.models import ModelOutput, build_model
-from erc.train import seed_everything
+from erc.train import TrainConfig, load_task, seed_everything
 
 EMOTIONS = ["a", "b", "c"]
 SENTIMENTS = ["negative", "positive"]
@@ -114,6 +114,11 @@ def make_prepared(directory, *, kind: str = "emotion", seed: int = 0, splits=(("
 
 
 # ---------------------------------------------------------------- shared model-test procedures
+
+
+def task_of(path, inputs=INPUTS):
+    """The train and valid splits of a prepared fixture as a Task (what a model test builds from)."""
+    return load_task(TrainConfig(dataset="tiny", prepared=str(path), inputs=dict(inputs)), splits=("train", "valid"))
 
 
 @contextlib.contextmanager

@@ -9,27 +9,13 @@ import torch
 
 from erc.data.dialogues import IGNORE, Batch
 from erc.models import MODELS, ModelSpec, build_model
-from erc.train import TrainConfig, load_task, seed_everything
-from tests.fixtures import (INPUTS, MISSING_AUDIO_ROW, alone_and_padded, one_torch_thread, overfit,
+from erc.train import seed_everything
+from tests.fixtures import (MISSING_AUDIO_ROW, alone_and_padded, one_torch_thread, overfit,
                             seeded_loss, shortest_and_longest)
 
 SMALL = {"width": 16, "attn_dim": 12, "heads": 3, "gru_layers": 2, "cross_blocks": 2, "dropout": 0.1}
 SUBSETS = [("text",), ("audio",), ("text", "audio")]
 EXPERTS = {("text",): ["text"], ("audio",): ["speech"], ("text", "audio"): ["speech", "text", "cross"]}
-
-
-def task_of(path):
-    return load_task(TrainConfig(dataset="tiny", prepared=str(path), inputs=dict(INPUTS)), splits=("train", "valid"))
-
-
-@pytest.fixture(scope="module")
-def emotion_task(tiny_emotion):
-    return task_of(tiny_emotion)
-
-
-@pytest.fixture(scope="module")
-def mosi_task(tiny_mosi):
-    return task_of(tiny_mosi)
 
 
 @pytest.fixture(autouse=True)

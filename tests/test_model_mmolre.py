@@ -16,15 +16,10 @@ from erc.models import MODELS, ModelSpec, build_model
 from erc.models.blocks import LowRankExpert
 from erc.models.blocks import load_balance, top_k_gates
 from erc.models.mmolre import parameter_counts
-from erc.train import TrainConfig, load_task
-from tests.fixtures import (INPUTS, MISSING_AUDIO_ROW, alone_and_padded, make_prepared, one_torch_thread, overfit,
-                            seeded_loss, shortest_and_longest)
+from tests.fixtures import (MISSING_AUDIO_ROW, alone_and_padded, make_prepared, one_torch_thread, overfit,
+                            seeded_loss, shortest_and_longest, task_of)
 
 SMALL = {"hidden": 32, "rank": 8, "num_shared": 3, "top_k": 2, "dropout": 0.1}
-
-
-def task_of(path, inputs=INPUTS):
-    return load_task(TrainConfig(dataset="tiny", prepared=str(path), inputs=dict(inputs)), splits=("train", "valid", "test"))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,15 +10,10 @@ import torch
 from erc.data.dialogues import IGNORE, Batch
 from erc.models import ModelOutput, ModelSpec, build_model
 from erc.models.sdt import IEMOCAP_CLASS_WEIGHTS
-from erc.train import TrainConfig, load_task
-from tests.fixtures import INPUTS, alone_and_padded, one_torch_thread, overfit, seeded_loss, shortest_and_longest
+from tests.fixtures import alone_and_padded, one_torch_thread, overfit, seeded_loss, shortest_and_longest
 
 SMALL = {"hidden": 32, "heads": 4, "ff_dim": 32, "dropout": 0.1}
 VIDEO_DIM = 6
-
-
-def task_of(path, inputs=INPUTS):
-    return load_task(TrainConfig(dataset="tiny", prepared=str(path), inputs=dict(inputs)), splits=("train", "valid"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -26,16 +21,6 @@ def one_thread():
     """Tiny models: one intra-op thread is faster, and far faster on a loaded 2-core machine (spin-waits)."""
     with one_torch_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def emotion_task(tiny_emotion):
-    return task_of(tiny_emotion)
-
-
-@pytest.fixture(scope="module")
-def mosi_task(tiny_mosi):
-    return task_of(tiny_mosi)
 
 
 def with_video(batch: Batch, seed: int = 0) -> Batch:

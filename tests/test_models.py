@@ -9,25 +9,10 @@ import torch
 
 from erc.data.dialogues import IGNORE
 from erc.models import MODELS, ModelOutput, ModelSpec, build_model
-from erc.train import TrainConfig, load_task
-from tests.fixtures import (AUDIO_DIM, INPUTS, TEXT_DIM, alone_and_padded, overfit, seeded_loss,
+from tests.fixtures import (AUDIO_DIM, TEXT_DIM, alone_and_padded, overfit, seeded_loss,
                             shortest_and_longest)
 
 SMALL = {"hidden": 16, "dropout": 0.1}
-
-
-def task_of(path, inputs=INPUTS):
-    return load_task(TrainConfig(dataset="tiny", prepared=str(path), inputs=dict(inputs)), splits=("train", "valid", "test"))
-
-
-@pytest.fixture(scope="module")
-def emotion_task(tiny_emotion):
-    return task_of(tiny_emotion)
-
-
-@pytest.fixture(scope="module")
-def mosi_task(tiny_mosi):
-    return task_of(tiny_mosi)
 
 
 def test_registry_and_config_overrides():

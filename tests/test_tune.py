@@ -24,7 +24,7 @@ import yaml
 
 from erc.errors import ErcDataError
 from erc.params import load_params
-from erc.train import TrainConfig, configs_from_params
+from erc.train import configs_from_params
 from erc.tune import apply_best, search, space_for, write_best
 from tests.fixtures import INPUTS, make_prepared
 
