@@ -68,18 +68,21 @@ def gather(obj) -> list:
 
 
 class DDPStepper:
-    """Plain torch: the model under Ray's `prepare_model` (DDP when there are several workers), AdamW."""
+    """Plain torch: one worker's model on its device, or several under Ray's `prepare_model` (DDP); AdamW."""
 
-    def __init__(self, cfg, model: torch.nn.Module, world: int):
-        import ray.train.torch
-
+    def __init__(self, cfg, model: torch.nn.Module, world: int, device: torch.device):
         self.cfg, self.world = cfg, world
         self.dtype = {"fp32": None, "bf16": torch.bfloat16}.get(precision(cfg), "unsupported")
         if self.dtype == "unsupported":
             raise ValueError(f"precision {precision(cfg)!r} needs the deepspeed backend (loss scaling)")
-        self.device = ray.train.torch.get_device()
-        # Some experts get no gradient on some batches (a missing modality, an unrouted expert).
-        self.model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+        self.device = device
+        if world > 1:
+            import ray.train.torch
+
+            # Some experts get no gradient on some batches (a missing modality, an unrouted expert).
+            self.model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+        else:  # also outside Ray Train: a Tune trial runs the loop in its own process
+            self.model = model.to(device)
         self.module = self.model.module if hasattr(self.model, "module") else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.input_dtype = None  # weights stay fp32; bf16 runs under autocast
@@ -162,8 +165,8 @@ class DeepSpeedStepper:
         self.engine.load_checkpoint(str(directory / "deepspeed"), tag=DEEPSPEED_TAG)
 
 
-def stepper(cfg, model: torch.nn.Module, world: int):
-    return DeepSpeedStepper(cfg, model, world) if backend(cfg) == "deepspeed" else DDPStepper(cfg, model, world)
+def stepper(cfg, model: torch.nn.Module, world: int, device: torch.device):
+    return DeepSpeedStepper(cfg, model, world) if backend(cfg) == "deepspeed" else DDPStepper(cfg, model, world, device)
 
 
 def describe(cfg, world: int) -> dict:

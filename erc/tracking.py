@@ -109,3 +109,36 @@ def log_predictions(client, run_id: str, task, pred: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         df.to_csv(Path(tmp) / "test_predictions.csv", index=False)
         client.log_artifact(run_id, str(Path(tmp) / "test_predictions.csv"))
+
+
+def log_params(client, run_id: str, params: dict) -> None:
+    """All params in a few batched writes (MLflow takes at most 100 per batch, values up to 6000 characters)."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+# The packages whose versions are a run's params (every installed package is in its environment artifact).
+STACK = ("torch", "transformers", "ray", "mlflow", "dvc", "deepspeed", "pandas", "numpy", "optuna", "erc")
+
+
+def environment() -> dict[str, str]:
+    """Every installed distribution and its version, plus Python's: the software a run used."""
+    import importlib.metadata
+    import platform
+
+    found = {d.metadata["Name"].lower(): d.version for d in importlib.metadata.distributions() if d.metadata["Name"]}
+    return {"python": platform.python_version(), **dict(sorted(found.items()))}
+
+
+def log_environment(client, run_id: str) -> None:
+    """The environment as `environment/requirements.txt` (pip's format, installable with `pip install -c`) and
+    the core stack's versions as `env.<package>` params."""
+    env = environment()
+    log_params(client, run_id, {f"env.{name}": env.get(name, "absent") for name in ("python", *STACK)})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "requirements.txt"
+        path.write_text(f"# python {env['python']}\n" + "".join(f"{k}=={v}\n" for k, v in env.items() if k != "python"))
+        client.log_artifact(run_id, str(path), "environment")

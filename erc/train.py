@@ -1,17 +1,21 @@
 """Training: one loop, run by Ray Train's TorchTrainer workers; selection on validation; test once.
 
-`fit(cfg)` is the driver side: it opens the MLflow run, starts the TorchTrainer, takes the checkpoint
-with the best validation weighted F1, evaluates it on the test split (the only time test data is read)
-and closes the run. `train_loop_per_worker(cfg)` is the worker side: a plain epoch loop.
+`run_all(configs)` is the driver side: it opens one MLflow run per seed, then trains all of them in one
+TorchTrainer (one worker group, the data loaded once per worker) and collects what the runs recorded.
+`train_runs` is the worker side: per seed a plain epoch loop that keeps the weights of the best validation
+weighted F1, then evaluates those on the test split (the only time test data is read) and closes the run.
+A Tune trial runs the same `train_runs` in its own process (`TuneSession`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -59,6 +63,7 @@ class TrainConfig:
     zero_stage: int = 2  # DeepSpeed ZeRO stage (0-2: optimizer state and gradients partitioned)
     offload_optimizer: bool = False  # DeepSpeed: optimizer state in CPU memory (uses DeepSpeed's CPU Adam)
     max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails
+    checkpoint_every: int = 5  # epochs between checkpoints (and one at each seed's end): at most this many redone
     storage_path: str = "ray_results"  # checkpoints; a shared path or s3://... URI on a cluster
     experiment: str = "erc"
     tracking_uri: str | None = None
@@ -143,6 +148,20 @@ def load_task(cfg: TrainConfig, splits=("train", "valid")) -> Task:
     return Task(prep, target, labels, data, spec, stats)
 
 
+_loaded: dict = {}  # the last task this process loaded for training (a reused Tune trial actor trains on it again)
+
+
+def load_task_cached(cfg: TrainConfig) -> Task:
+    """`load_task(cfg)`, loaded once per process for the same data, inputs and class weights."""
+    meta = Path(cfg.prepared) / "meta.json"
+    key = (cfg.prepared, tuple(cfg.feature_dirs), tuple(sorted(cfg.inputs.items())),
+           tuple(cfg.class_weights or ()), meta.stat().st_mtime_ns if meta.exists() else 0)
+    if key not in _loaded:
+        _loaded.clear()
+        _loaded[key] = load_task(cfg)
+    return _loaded[key]
+
+
 @torch.inference_mode()
 def predict(model, data: DialogueData, batch_size: int = 32, device="cpu", float_dtype=None) -> dict[str, np.ndarray]:
     """Predictions for every labelled utterance of `data`, in table-row order."""
@@ -217,12 +236,6 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1009 + rank) % 2**32
 
 
-def selection_score(val_score: float, epoch: int) -> float:
-    """Ray ranks checkpoints by one number and prefers the later of equal ones; selection prefers the first
-    best epoch, so equal scores are separated by a tie-break far below any real difference in F1."""
-    return val_score - 1e-9 * epoch
-
-
 def train_epoch(stepper, data: DialogueData, cfg: TrainConfig, epoch: int, rank: int, world: int) -> dict:
     """One pass over the training split; returns this worker's share of the loss terms and utterance count.
 
@@ -253,89 +266,263 @@ def train_epoch(stepper, data: DialogueData, cfg: TrainConfig, epoch: int, rank:
     return {"losses": totals, "steps": steps, "utterances": seen}
 
 
-def train_loop_per_worker(config: dict) -> None:
-    import ray
-    import ray.train
+def import_in_background(*modules: str) -> None:
+    """Start importing `modules` in a thread; a later `import` of them waits for it rather than starting over."""
+    import importlib
+    import threading
 
+    threading.Thread(target=lambda: [importlib.import_module(m) for m in modules], daemon=True).start()
+
+
+class Clock:
+    """Seconds spent per phase of a run (`time_<phase>_s` metrics in MLflow; benchmarks/overhead.py reads them)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - start)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time_{k}_s": v for k, v in self.seconds.items()}
+
+
+class RayTrainSession:
+    """What the loop needs from Ray Train: rank, the checkpoint to restore, and reporting a checkpoint.
+
+    A train-stage run (`evaluate_test`) reports only its checkpoints (its metrics go to MLflow directly) and ends
+    each seed with the one look at test. A search's multi-worker trial reports every epoch to Tune instead.
+    """
+
+    checkpoints = True
+
+    def __init__(self, evaluate_test: bool = True):
+        import ray
+        import ray.train
+        import ray.train.torch
+
+        self._train = ray.train
+        self.evaluate_test = evaluate_test
+        self.report_every_epoch = not evaluate_test
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def restored(self):
+        return self._train.get_checkpoint()
+
+    def report(self, metrics: dict, directory: Path | None) -> None:
+        checkpoint = self._train.Checkpoint.from_directory(str(directory)) if directory is not None else None
+        self._train.report(metrics, checkpoint=checkpoint)
+
+
+class TuneSession:
+    """A single-worker Tune trial runs the same loop in its own process, with no nested worker group: every
+    epoch's metrics go to Tune (ASHA decides on them); no checkpoints (an interrupted trial starts again) and no
+    test (a search scores on validation only)."""
+
+    checkpoints = evaluate_test = False
+    report_every_epoch = True
+    rank, world = 0, 1
+
+    def __init__(self, use_gpu: bool = False):
+        import ray
+
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def restored(self):
+        return None
+
+    def report(self, metrics: dict, directory: Path | None) -> None:
+        from ray import tune
+
+        tune.report(metrics)
+
+
+def train_runs(runs: list[TrainConfig], session, started_at: float | None = None) -> None:
+    """Train `runs` (the seeds of one stage: same data, same model, other seeds) one after another in this worker.
+
+    The data is loaded once and serves every seed. Per seed: epochs with validation selection (the best weights
+    are kept in memory and in every checkpoint), early stopping, then, on rank 0, the one evaluation on test of
+    the selected weights and everything the run records in MLflow. A checkpoint (every `checkpoint_every`
+    epochs and at each seed's end) holds the latest state and the best weights, so a restarted worker group
+    resumes at the right seed and epoch and continues exactly as the uninterrupted run would have.
+    """
+    clock = Clock()
+    if started_at is not None:
+        clock.add("worker_start", max(0.0, time.time() - started_at))
+    import_in_background("mlflow")  # while the data loads
+    first = runs[0]
+    if first.cpus_per_worker:
+        torch.set_num_threads(max(1, round(first.cpus_per_worker)))
+    with clock("data_load"):
+        task = load_task_cached(first)
+    start, resume = 0, None
+    restored = session.restored()
+    if restored:  # a restarted worker group: go on with the seed (and epoch) of the latest checkpoint
+        resume = Path(restored.to_directory())
+        state = json.loads((resume / "trainer_state.json").read_text())
+        start = state["run"] + 1 if state.get("seed_done") else state["run"]
+        resume = None if state.get("seed_done") else resume
+    for index in range(start, len(runs)):
+        train_one(runs[index], index, task, session, clock, resume)
+        clock, resume = Clock(), None  # start-up and data loading are counted once, on the first seed
+
+
+def train_one(cfg: TrainConfig, index: int, task: Task, session, clock: Clock, restored_dir: Path | None) -> None:
     from erc import distributed
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per checkpoint is noise here
-    cfg = TrainConfig(**config)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    if cfg.cpus_per_worker:
-        torch.set_num_threads(max(1, round(cfg.cpus_per_worker)))
-    seed_everything(cfg.seed)
-    task = load_task(cfg)
+    rank, world = session.rank, session.world
     train, valid = task.splits["train"], task.splits["valid"]
     valid_part = valid.subset(range(rank, len(valid), world))
-    model = build_model(cfg.model, task.spec, cfg.model_config)
-    state = {"epoch": -1, "best": -1.0, "since_best": 0, "restored_from": []}
-    restored = ray.train.get_checkpoint()
-    if restored:  # a restarted worker group: weights before wrapping, the rest after
-        with restored.as_directory() as directory:
-            model.load_state_dict(torch.load(Path(directory) / "model.pt", weights_only=True)["state_dict"])
-            state = json.loads((Path(directory) / "trainer_state.json").read_text())
-            stepper = distributed.stepper(cfg, model, world)
-            stepper.load(Path(directory))
+    seed_everything(cfg.seed)
+    with clock("model_build"):
+        model = build_model(cfg.model, task.spec, cfg.model_config)
+    state = {"run": index, "epoch": -1, "best": -1.0, "best_epoch": -1, "since_best": 0, "restored_from": []}
+    best_weights = None
+    if restored_dir is not None:
+        # A restarted worker group: weights before wrapping, optimizer state after.
+        model.load_state_dict(torch.load(restored_dir / "model.pt", weights_only=True)["state_dict"])
+        best_weights = torch.load(restored_dir / "best_model.pt", weights_only=True)["state_dict"]
+        state = json.loads((restored_dir / "trainer_state.json").read_text())
+        stepper = distributed.stepper(cfg, model, world, session.device)
+        stepper.load(restored_dir)
         state["restored_from"] = state["restored_from"] + [state["epoch"]]
     else:
-        stepper = distributed.stepper(cfg, model, world)
+        with clock("model_build"):
+            stepper = distributed.stepper(cfg, model, world, session.device)
 
     client = None
-    nodes = distributed.gather(ray.get_runtime_context().get_node_id())
+    nodes = distributed.gather(session.node)
     if rank == 0 and cfg.run_id:
         import mlflow
 
-        client = mlflow.MlflowClient(cfg.tracking_uri)
-        client.set_tag(cfg.run_id, "ray_nodes", str(len(set(nodes))))
-        if restored:
-            client.log_metric(cfg.run_id, "restored_from_epoch", state["epoch"], step=len(state["restored_from"]))
+        with clock("mlflow"):
+            client = mlflow.MlflowClient(cfg.tracking_uri)
+            client.set_tag(cfg.run_id, "ray_nodes", str(len(set(nodes))))
+            client.set_tag(cfg.run_id, "worker_pid", str(os.getpid()))  # the seeds of a stage share one worker
+            if state["restored_from"]:
+                client.log_metric(cfg.run_id, "restored_from_epoch", state["epoch"], step=len(state["restored_from"]))
 
+    def checkpoint(metrics: dict) -> None:
+        with clock("checkpoint"), tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                save_checkpoint(tmp, stepper.module, cfg, task, state["epoch"], metrics)
+                torch.save({"state_dict": best_weights}, Path(tmp) / "best_model.pt")
+                (Path(tmp) / "trainer_state.json").write_text(json.dumps(state))
+            stepper.save(Path(tmp), rank)
+            session.report(metrics, Path(tmp))
+
+    metrics = {}
     for epoch in range(state["epoch"] + 1, cfg.epochs):
         seed_everything(epoch_seed(cfg.seed, epoch, rank))
         stepper.module.train()
-        start = time.perf_counter()
-        done = train_epoch(stepper, train, cfg, epoch, rank, world)
-        seconds = time.perf_counter() - start
-        gathered = distributed.gather({"train": done, "valid": predict(stepper.module, valid_part, device=stepper.device,
-                                                                      float_dtype=stepper.input_dtype)})
-        metrics, _, _ = score(merge_predictions([g["valid"] for g in gathered]), task, prefix="val_")
+        with clock("train"):
+            start = time.perf_counter()
+            done = train_epoch(stepper, train, cfg, epoch, rank, world)
+            seconds = time.perf_counter() - start
+        with clock("valid"):
+            gathered = distributed.gather({"train": done, "valid": predict(
+                stepper.module, valid_part, device=stepper.device, float_dtype=stepper.input_dtype)})
+            metrics, _, _ = score(merge_predictions([g["valid"] for g in gathered]), task, prefix="val_")
         losses = {}
         for g in gathered:
             for k, v in g["train"]["losses"].items():
                 losses[k] = losses.get(k, 0.0) + v
         metrics.update({f"train_loss_{k}": v / max(done["steps"], 1) for k, v in losses.items()})
         utterances = sum(g["train"]["utterances"] for g in gathered)
-        metrics.update({"epoch": epoch, "train_utterances_per_s": utterances / max(seconds, 1e-9)})
-        if metrics[SELECT] > state["best"]:
-            state.update(best=metrics[SELECT], since_best=0)
+        metrics.update({"epoch": epoch, "train_utterances_per_s": utterances / max(seconds, 1e-9),
+                        "train_seconds": seconds})
+        state["epoch"] = epoch
+        if metrics[SELECT] > state["best"]:  # strictly better: the first best epoch is kept on ties
+            state.update(best=metrics[SELECT], best_epoch=epoch, since_best=0)
+            best_weights = {k: v.detach().clone() for k, v in stepper.module.state_dict().items()}
         else:
             state["since_best"] += 1
-        state["epoch"] = epoch
         metrics["best_" + SELECT] = state["best"]
-        metrics["selection_score"] = selection_score(metrics[SELECT], epoch)
         if client is not None:
             from mlflow.entities import Metric
 
-            now = int(time.time() * 1000)
-            client.log_batch(cfg.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
-        # Every epoch is checkpointed: the latest one restores a failed run, the best one is evaluated.
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                save_checkpoint(tmp, stepper.module, cfg, task, epoch, metrics)
-                (Path(tmp) / "trainer_state.json").write_text(json.dumps(state))
-            stepper.save(Path(tmp), rank)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        if state["since_best"] >= cfg.patience:
+            with clock("mlflow"):
+                now = int(time.time() * 1000)
+                client.log_batch(cfg.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+        stopping = state["since_best"] >= cfg.patience or epoch == cfg.epochs - 1
+        if session.checkpoints and not stopping and (epoch + 1) % max(cfg.checkpoint_every, 1) == 0:
+            checkpoint(metrics)
+        elif session.report_every_epoch:
+            session.report(metrics, None)
+        if stopping:
             break
+
+    if not session.evaluate_test:  # a search's trial: its caller closes the run
+        if client is not None:
+            client.log_batch(cfg.run_id, metrics=[_metric(k, v) for k, v in clock.metrics().items()])
+        return
+    if rank == 0:
+        finish_run(cfg, task, stepper, best_weights, state, client, clock)
+    state["seed_done"] = True  # a restarted worker group goes on with the next seed
+    checkpoint(metrics)
+    if client is not None:  # the phase times, the last checkpoint's included
+        client.log_batch(cfg.run_id, metrics=[_metric(k, v) for k, v in clock.metrics().items()])
+
+
+def _metric(key: str, value: float, step: int = 0):
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), step)
+
+
+def finish_run(cfg: TrainConfig, task: Task, stepper, best_weights: dict, state: dict, client, clock: Clock) -> None:
+    """The one look at test: the selected (best validation) weights, evaluated and recorded with the run."""
+    from erc import tracking
+
+    selected = build_model(cfg.model, task.spec, cfg.model_config)
+    selected.load_state_dict(best_weights)
+    with clock("test"):
+        if "test" not in task.splits:  # read once per worker, after the first seed's training
+            task.splits["test"] = load_task(cfg, splits=("test",)).splits["test"]
+        pred = predict(selected.to(stepper.device), task.splits["test"], device=stepper.device)
+        test, cm, pred = score(pred, task, prefix="test_")
+    test["selected_epoch"] = state["best_epoch"]
+    test["selected_" + SELECT] = state["best"]
+    with clock("mlflow"), tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, selected, cfg, task, state["best_epoch"], {SELECT: state["best"]})
+        for name in MODEL_FILES:
+            client.log_artifact(cfg.run_id, str(Path(tmp) / name), "checkpoint")
+        tracking.log_predictions(client, cfg.run_id, task, pred)
+        tracking.log_confusion(client, cfg.run_id, cm, task.labels,
+                               f"{cfg.dataset} {cfg.model} seed {cfg.seed}: test (epoch {state['best_epoch']})")
+    client.log_batch(cfg.run_id, metrics=[_metric(k, v) for k, v in test.items()])
+    client.set_terminated(cfg.run_id, "FINISHED")
+
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The TorchTrainer's worker function: the seeds of one stage in one worker group."""
+    quiet_console()
+    train_runs([TrainConfig(**c) for c in config["runs"]], RayTrainSession(config["evaluate_test"]),
+               config["started_at"])
 
 
 # ---------------------------------------------------------------- driver side
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS (`ray job submit` sets it), else start a local Ray on 127.0.0.1."""
+    """Join the cluster named by RAY_ADDRESS (`ray job submit` sets it), else start a local Ray on 127.0.0.1.
+
+    Ray's own INFO lines (worker group start, every report) stay in its log files, named on the first line;
+    warnings and errors still reach the terminal.
+    """
     import ray
 
     if ray.is_initialized():
@@ -344,34 +531,61 @@ def init_ray(num_cpus: int | None = None) -> None:
     # Ray Train's controller takes one report per health check (2 s by default) and a worker's report waits
     # for it: with a report every epoch that was 2 s an epoch. Ray processes inherit this from the driver.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    quiet = {"configure_logging": True, "logging_config": ray.LoggingConfig(log_level="WARNING")}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(configure_logging=False)
+        ray.init(**quiet)
     else:
-        # The dashboard stays on: Ray's state API (used by Train and Tune to clean up) needs it.
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), configure_logging=False,
-                 _node_ip_address="127.0.0.1")
+        # The dashboard stays on: Ray's state API (Ray Train's placement-group cleaner, Tune) needs it.
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", **quiet)
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    print(f"ray logs: {ray_log_dir()}", file=sys.stderr)
 
 
-def fit(cfg: TrainConfig, callbacks=()):
-    """Train with Ray Train and return the Ray result (its best checkpoint is the validation-selected one)."""
+def quiet_console() -> None:
+    """Ray Train's INFO lines (every report, every checkpoint) to its log files only, not to the terminal."""
+    for logger in (logging.getLogger(), logging.getLogger("ray.train")):
+        for handler in logger.handlers:
+            if type(handler).__name__ == "PlainRayHandler":  # the console; the file handlers keep everything
+                handler.setLevel(logging.WARNING)
+
+
+def ray_log_dir() -> str:
+    import ray
+
+    try:
+        return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
+    except AttributeError:  # joined a cluster through its address: the head keeps them
+        return "on the Ray head, under its session directory"
+
+
+def fit(runs: list[TrainConfig], callbacks=(), evaluate_test: bool = True):
+    """Train the runs (seeds of one configuration) in one Ray Train worker group; returns the Ray result.
+
+    `evaluate_test=False`: no test and no closing of the runs (a search's trial, a benchmark), and every
+    epoch is reported to Ray (and so to Tune through `TuneReportCallback`)."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    cfg = runs[0]
     if cfg.batch_size < cfg.num_workers * cfg.grad_accum_steps:
         raise ValueError(f"batch_size {cfg.batch_size} is smaller than num_workers x grad_accum_steps")
-    cfg.cpus_per_worker = cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers)
+    for r in runs:
+        r.cpus_per_worker = r.cpus_per_worker or max(1, (os.cpu_count() or 1) // r.num_workers)
+    seeds = "-".join(str(r.seed) for r in runs)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=asdict(cfg),
+        train_loop_config={"runs": [asdict(r) for r in runs], "started_at": time.time(),
+                           "evaluate_test": evaluate_test},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
                                      placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
-            name=f"{cfg.dataset}-{cfg.model}-seed{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+            name=f"{cfg.dataset}-{cfg.model}-seed{seeds}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             storage_path=cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve()),
-            # The best checkpoint and the latest (which Ray always keeps) are all a run needs.
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="selection_score",
-                                               checkpoint_score_order="max"),
+            # The latest checkpoint is all a restart needs (it carries the best weights too).
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            logging_config=ray.LoggingConfig(log_level="WARNING"),  # the controller's INFO lines: log files only
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             callbacks=list(callbacks),
         ),
@@ -388,58 +602,79 @@ def resolve_locations(cfg: TrainConfig) -> None:
     cfg.feature_dirs = [str(Path(d).resolve()) for d in cfg.feature_dirs]
 
 
-def run(cfg: TrainConfig, *, tags: dict | None = None, export_checkpoint=None) -> dict:
-    """One seed, tracked: MLflow run with params, per-epoch validation, test metrics of the selected checkpoint.
-
-    `export_checkpoint`: a directory to receive a copy of the selected checkpoint (a teacher for distillation).
-    """
-    import mlflow
-
+def start_run(cfg: TrainConfig, client, tags: dict | None = None) -> None:
+    """Open `cfg`'s MLflow run: tags, every param, the software environment; sets `cfg.run_id`."""
     from erc import distributed, tracking
 
-    resolve_locations(cfg)
-    client = mlflow.MlflowClient(cfg.tracking_uri)
     prep_meta = json.loads((Path(cfg.prepared) / "meta.json").read_text())
     run_tags = {
         "model": cfg.model, "dataset": cfg.dataset, "features": cfg.features_tag, "seed": str(cfg.seed),
         "git_commit": tracking.git_commit(), "data_sha256": json.dumps(prep_meta["sources"], sort_keys=True),
         "mlflow.runName": f"{cfg.dataset}/{cfg.model}/seed{cfg.seed}", **(tags or {}),
     }
-    mlrun = client.create_run(tracking.experiment_id(cfg.experiment, cfg.tracking_uri), tags=run_tags)
-    cfg.run_id = mlrun.info.run_id
-    try:
-        params = tracking.flatten({k: v for k, v in asdict(cfg).items() if k not in ("run_id", "tracking_uri")})
-        params.update({f"model_config.{k}": v for k, v in asdict(MODELS[cfg.model].Config(**cfg.model_config)).items()})
-        params.update(distributed.describe(cfg, cfg.num_workers))
-        for key, value in params.items():
-            client.log_param(cfg.run_id, key, str(value)[:6000])
+    cfg.run_id = client.create_run(tracking.experiment_id(cfg.experiment, cfg.tracking_uri), tags=run_tags).info.run_id
+    params = tracking.flatten({k: v for k, v in asdict(cfg).items() if k not in ("run_id", "tracking_uri")})
+    params.update({f"model_config.{k}": v for k, v in asdict(MODELS[cfg.model].Config(**cfg.model_config)).items()})
+    params.update(distributed.describe(cfg, cfg.num_workers))
+    tracking.log_params(client, cfg.run_id, params)
+    tracking.log_environment(client, cfg.run_id)
 
-        seed_everything(cfg.seed)
-        result = fit(cfg)
+
+def run_all(runs: list[TrainConfig], *, tags: dict | None = None, export_checkpoint=None,
+            process_started: float | None = None) -> list[dict]:
+    """The seeds of one configuration, tracked: one MLflow run each, trained in one Ray Train worker group.
+
+    Each run holds its params, per-epoch validation metrics, and the test metrics of its selected checkpoint.
+    `export_checkpoint`: a directory to receive the first run's selected checkpoint (a teacher for distillation).
+    `process_started`: when the calling program started (its imports are then counted as start-up).
+    """
+    import mlflow
+
+    from erc.progress import RunProgress
+
+    clock = Clock()
+    if process_started is not None:
+        clock.add("process_start", time.time() - process_started)
+    import_in_background("mlflow")  # seconds of imports, while Ray starts
+    for cfg in runs:
+        resolve_locations(cfg)
+        cfg.run_id = None
+    with clock("ray_init"):
+        init_ray()
+    client = mlflow.MlflowClient(runs[0].tracking_uri)
+    try:
+        with clock("mlflow"):
+            for cfg in runs:
+                start_run(cfg, client, tags)
+        for cfg in runs:
+            client.log_batch(cfg.run_id, metrics=[_metric(f"time_driver_{k}_s", v) for k, v in clock.seconds.items()])
+        with RunProgress(client, runs):
+            result = fit(runs)
         if result.error:
             raise result.error
-        best = result.get_best_checkpoint(metric="selection_score", mode="max")
-        with best.as_directory() as ckpt_dir:
-            model, info = load_checkpoint(ckpt_dir)
-            task = load_task(cfg, splits=("test",))
-            test, cm, pred = evaluate(model, task.splits["test"], task, prefix="test_")  # the one look at test
-            # The model alone: optimizer state and DeepSpeed partitions only matter to a restarting run.
-            for name in MODEL_FILES:
-                client.log_artifact(cfg.run_id, str(Path(ckpt_dir) / name), "checkpoint")
-            if export_checkpoint:
-                with atomic_path(export_checkpoint) as tmp:
-                    Path(tmp).mkdir()
-                    for name in MODEL_FILES:
-                        shutil.copy2(Path(ckpt_dir) / name, Path(tmp) / name)
-        tracking.log_predictions(client, cfg.run_id, task, pred)
-        test["selected_epoch"] = info["epoch"]
-        test["selected_" + SELECT] = info["metrics"][SELECT]
-        for k, v in test.items():
-            client.log_metric(cfg.run_id, k, float(v))
-        tracking.log_confusion(client, cfg.run_id, cm, task.labels,
-                               f"{cfg.dataset} {cfg.model} seed {cfg.seed}: test (epoch {info['epoch']})")
-        client.set_terminated(cfg.run_id, "FINISHED")
-        return {"run_id": cfg.run_id, "seed": cfg.seed, **test}
+        results = []
+        for cfg in runs:
+            found = client.get_run(cfg.run_id)
+            if found.info.status != "FINISHED":
+                raise RuntimeError(f"run {cfg.run_id} ({cfg.dataset}/{cfg.model}/seed{cfg.seed}) did not finish")
+            metrics = found.data.metrics
+            results.append({"run_id": cfg.run_id, "seed": cfg.seed,
+                            **{k: v for k, v in metrics.items() if k.startswith(("test_", "selected_"))}})
+        if export_checkpoint:
+            with atomic_path(export_checkpoint) as tmp, tempfile.TemporaryDirectory() as download:
+                Path(tmp).mkdir()
+                client.download_artifacts(runs[0].run_id, "checkpoint", download)
+                for name in MODEL_FILES:
+                    shutil.copy2(Path(download) / "checkpoint" / name, Path(tmp) / name)
+        return results
     except BaseException:
-        client.set_terminated(cfg.run_id, "FAILED")
+        for cfg in runs:
+            if cfg.run_id and client.get_run(cfg.run_id).info.status != "FINISHED":
+                client.set_terminated(cfg.run_id, "FAILED")
         raise
+
+
+def run(cfg: TrainConfig, *, tags: dict | None = None, export_checkpoint=None) -> dict:
+    """One seed, tracked (see `run_all`)."""
+    (result,) = run_all([cfg], tags=tags, export_checkpoint=export_checkpoint)
+    return result

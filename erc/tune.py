@@ -1,9 +1,11 @@
 """Ray Tune over the train stage's own training: loss weights, learning rate, dropout; validation only.
 
-Each trial is a function that builds a `TrainConfig` from the sampled values and calls `erc.train.fit` (the
-same TorchTrainer and epoch loop as the train stage); Ray Train's per-epoch reports reach Tune through
-`TuneReportCallback`, so ASHA can stop a poor trial after `grace_period` epochs while Optuna's TPE proposes the
-next. The objective is validation weighted F1; no trial reads the test split.
+Each trial is a function that builds a `TrainConfig` from the sampled values and runs the train stage's own
+epoch loop (`erc.train.train_runs`). A single-worker trial runs it in the trial's own process (a nested worker
+group would cost seconds of start-up per trial and add nothing); a multi-worker trial starts a TorchTrainer
+(`erc.train.fit`) whose reports reach Tune through `TuneReportCallback`. Every epoch reaches Tune, so ASHA can
+stop a poor trial after `grace_period` epochs while Optuna's TPE proposes the next. The objective is
+validation weighted F1; no trial reads the test split.
 
 MLflow: one parent run per search (search space, best config, plots), one nested run per trial (its sampled
 values as params and its per-epoch validation metrics). Search spaces are params (`tune.space` in params.yaml):
@@ -74,7 +76,7 @@ def run_trial(sample: dict, *, base: dict, parent_run_id: str, storage: str) -> 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from erc import tracking
-    from erc.train import fit
+    from erc.train import TuneSession, fit, train_runs
 
     trial = tune.get_context().get_trial_id()
     cfg = apply_sample(TrainConfig(**base), sample)
@@ -84,13 +86,16 @@ def run_trial(sample: dict, *, base: dict, parent_run_id: str, storage: str) -> 
         "mlflow.parentRunId": parent_run_id, "mlflow.runName": f"trial {trial}", "role": "tune-trial",
         "tune_trial_id": trial, "model": cfg.model, "dataset": cfg.dataset, "seed": str(cfg.seed)})
     cfg.run_id = run.info.run_id
-    for key, value in {**sample, **{f"config.{k}": v for k, v in tracking.flatten(asdict(cfg)).items()
-                                    if k not in ("run_id", "tracking_uri")}}.items():
-        client.log_param(cfg.run_id, key, str(value)[:6000])
+    tracking.log_params(client, cfg.run_id, {**sample, **{f"config.{k}": v for k, v in tracking.flatten(asdict(cfg)).items()
+                                                           if k not in ("run_id", "tracking_uri")}})
+    tracking.log_environment(client, cfg.run_id)
     # A failed or stopped trial leaves its run open: the driver closes it from Tune's outcome (`summarise`).
-    result = fit(cfg, callbacks=[TuneReportCallback()])
-    if result.error:
-        raise result.error
+    if cfg.num_workers == 1:
+        train_runs([cfg], TuneSession(cfg.use_gpu))
+    else:
+        result = fit([cfg], callbacks=[TuneReportCallback()], evaluate_test=False)
+        if result.error:
+            raise result.error
     client.set_terminated(cfg.run_id, "FINISHED")
 
 
@@ -140,14 +145,16 @@ def search(base: TrainConfig, space: dict, *, trials: int, storage_path: str, na
             client.log_param(parent_run_id, key, value)
     client.update_run(parent_run_id, "RUNNING")
 
-    # One trial = the trial function (0.1 CPU) plus its workers, which share what is left of cpus_per_trial.
-    worker_cpus = max(0.1, (cpus_per_trial - 0.1) / base.num_workers)
+    # A single-worker trial trains in the trial function itself, which holds all of cpus_per_trial; a multi-worker
+    # trial's function (0.1 CPU) starts workers that share what is left.
+    trial_cpus = cpus_per_trial if base.num_workers == 1 else 0.1
+    worker_cpus = cpus_per_trial if base.num_workers == 1 else max(0.1, (cpus_per_trial - 0.1) / base.num_workers)
     base = replace(base, cpus_per_worker=worker_cpus)
     total_cpus = ray.cluster_resources().get("CPU", 1)
     concurrent = max_concurrent or max(1, int(total_cpus // cpus_per_trial))
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=asdict(base), parent_run_id=parent_run_id, storage=str(storage / "train")),
-        {"CPU": 0.1})
+        {"CPU": trial_cpus})
     if restoring:
         tuner = tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, restart_errored=True)
     else:
@@ -160,7 +167,9 @@ def search(base: TrainConfig, space: dict, *, trials: int, storage_path: str, na
                 # rather than being stopped by Tune at max_t in the middle of that.
                 scheduler=ASHAScheduler(max_t=base.epochs + 1, grace_period=grace_period,
                                         reduction_factor=reduction_factor),
-                search_alg=ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrent)),
+                search_alg=ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrent),
+                # A single-worker trial trains in its own actor: the next trial reuses it, imports and data loaded.
+                reuse_actors=base.num_workers == 1),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
         )
     try:

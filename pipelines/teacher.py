@@ -9,7 +9,7 @@ every run, tracked in MLflow with tag role=teacher); its checkpoint directory is
 import argparse
 
 from erc.params import load_params, stage_main
-from erc.train import configs_from_params, init_ray, run
+from erc.train import configs_from_params, run
 
 
 @stage_main
@@ -26,7 +26,6 @@ def main():
     teacher = params["teacher"]
     (cfg,) = configs_from_params(params, args.dataset, teacher["model"], source=args.params, seeds=[teacher["seed"]],
                                  modalities=[teacher["modality"]])
-    init_ray()
     result = run(cfg, tags={"role": "teacher"}, export_checkpoint=args.out)
     print(f"teacher {args.dataset}: {teacher['model']} on {teacher['modality']}, "
           f"validation wF1 {result['selected_val_wf1']:.2f}, run {result['run_id']}")

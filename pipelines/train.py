@@ -4,13 +4,16 @@
     python pipelines/train.py --dataset meld --model summer --teacher runs/meld/teacher --out runs/meld/summer.json
 """
 
-import argparse
-import json
-from pathlib import Path
+import time
 
-from erc.io import write_json
-from erc.params import load_params, stage_main
-from erc.train import configs_from_params, init_ray, run
+STARTED = time.time()  # the imports below count as the run's start-up (time_driver_process_start_s)
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from erc.io import write_json  # noqa: E402
+from erc.params import load_params, stage_main  # noqa: E402
+from erc.train import configs_from_params, run_all  # noqa: E402
 
 
 @stage_main
@@ -35,12 +38,8 @@ def main():
         params, variant = apply_best(params, args.config, args.dataset, args.model), "tuned"
     runs = configs_from_params(params, args.dataset, args.model, source=args.config or args.params,
                                model_overrides=overrides)
-    init_ray()
-    results = [run(cfg, tags={"variant": variant}) for cfg in runs]
+    results = run_all(runs, tags={"variant": variant}, process_started=STARTED)
     write_json(args.out, {"dataset": args.dataset, "model": args.model, "variant": variant, "runs": results})
-    for r in results:
-        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items() if k in
-                          ("seed", "run_id", "test_wf1", "test_acc", "test_acc2", "selected_epoch")}))
 
 
 if __name__ == "__main__":

@@ -125,7 +125,9 @@ def test_killed_worker_restores_from_the_last_checkpoint(reference_runs, medium,
     client = mlflow.MlflowClient(store)
     experiment = "erc-distributed-kill"
     mlflow.MlflowClient(store).create_experiment(experiment)
-    cfg = config(medium[1], tmp_path, store, num_workers=2, placement_strategy="STRICT_SPREAD", experiment=experiment)
+    # A checkpoint every epoch, so that the restore is from the epoch before the kill.
+    cfg = config(medium[1], tmp_path, store, num_workers=2, placement_strategy="STRICT_SPREAD", experiment=experiment,
+                 checkpoint_every=1)
     outcome = {}
     trainer = threading.Thread(target=lambda: outcome.update(run(cfg)))
     trainer.start()

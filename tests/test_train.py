@@ -199,3 +199,40 @@ def test_failed_run_is_marked_failed(tiny_emotion, store, tmp_path):
     failed = client.get_run(cfg.run_id)
     assert failed.info.status == "FAILED"
     assert failed.data.tags["seed"] == "7"
+
+
+def test_seeds_of_a_stage_share_one_worker_and_match_separate_runs(ray_session, tiny_emotion, store, tmp_path):
+    """The train stage's seeds run one after another in one worker group (the data loaded once); each seed
+    still gets its own MLflow run, and the same numbers as when it runs alone."""
+    from erc.train import run_all
+
+    client = mlflow.MlflowClient(store[1])
+    together = run_all([config(tiny_emotion, tmp_path, store[1], seed=seed, epochs=3) for seed in (4, 5)])
+    alone = run(config(tiny_emotion, tmp_path, store[1], seed=5, epochs=3))
+    runs = [client.get_run(r["run_id"]) for r in together]
+    assert [r.data.tags["seed"] for r in runs] == ["4", "5"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert runs[0].data.tags["worker_pid"] == runs[1].data.tags["worker_pid"]
+    assert client.get_run(alone["run_id"]).data.tags["worker_pid"] != runs[1].data.tags["worker_pid"]
+    assert [m.value for m in history(client, together[1]["run_id"], "val_wf1")] == \
+        [m.value for m in history(client, alone["run_id"], "val_wf1")]
+    for key in ("test_wf1", "test_acc", "selected_epoch"):
+        assert together[1][key] == alone[key], key
+    # The two seeds differ (a shared worker does not leak one seed's state into the next).
+    assert [m.value for m in history(client, together[0]["run_id"], "train_loss_ce")] != \
+        [m.value for m in history(client, together[1]["run_id"], "train_loss_ce")]
+
+
+def test_run_records_its_environment_and_phase_times(emotion_run, tmp_path):
+    cfg, result, client = emotion_run
+    r = client.get_run(result["run_id"])
+    import torch
+
+    assert r.data.params["env.torch"] == torch.__version__
+    assert r.data.params["env.python"].count(".") == 2
+    path = client.download_artifacts(result["run_id"], "environment/requirements.txt", str(tmp_path))
+    lines = open(path).read().splitlines()
+    assert f"torch=={torch.__version__}" in lines and any(line.startswith("mlflow==") for line in lines)
+    for phase in ("data_load", "train", "valid", "test", "checkpoint", "mlflow", "worker_start",
+                  "driver_ray_init", "driver_mlflow"):
+        assert r.data.metrics[f"time_{phase}_s"] >= 0, phase

@@ -1,0 +1,83 @@
+"""One line per run on the terminal while a stage trains: epoch k of n, validation wF1, best so far, time left.
+
+The workers already log every epoch's metrics to the run in MLflow; the driver reads them back from there, so
+progress needs no channel of its own and shows the same numbers the MLflow UI does. On a terminal each run is
+a live bar; elsewhere (a log file, CI) each run prints one line when it ends.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+POLL_SECONDS = 1.0
+
+
+class RunProgress:
+    def __init__(self, client, runs, stream=None):
+        self.client, self.runs = client, list(runs)
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+        self.done: set[str] = set()
+        self.bars = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self._started = time.time()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.update()  # the final state of every run
+        for bar in self.bars.values():
+            bar.close()
+
+    def _poll(self):
+        while not self._stop.wait(POLL_SECONDS):
+            try:
+                self.update()
+            except Exception:  # a busy store: the next poll will do
+                pass
+
+    def update(self) -> None:
+        for position, cfg in enumerate(self.runs):
+            if cfg.run_id in self.done:
+                continue
+            run = self.client.get_run(cfg.run_id)
+            metrics = run.data.metrics
+            if "epoch" not in metrics:
+                continue
+            line = describe(cfg, metrics, run.info.status)
+            if self.live:
+                self._bar(cfg, position).set_description_str(line, refresh=True)
+            if run.info.status != "RUNNING":
+                self.done.add(cfg.run_id)
+                if not self.live:
+                    print(line, file=self.stream, flush=True)
+
+    def _bar(self, cfg, position: int):
+        if cfg.run_id not in self.bars:
+            from tqdm import tqdm
+
+            self.bars[cfg.run_id] = tqdm(total=0, position=position, bar_format="{desc}", file=self.stream,
+                                         leave=True)
+        return self.bars[cfg.run_id]
+
+
+def describe(cfg, metrics: dict, status: str) -> str:
+    """`mosi/baseline/seed0  epoch 7/30  val wF1 71.2  best 73.0 (epoch 4)  ~12 s left` (or how it ended)."""
+    epoch = int(metrics["epoch"]) + 1
+    name = f"{cfg.dataset}/{cfg.model}/seed{cfg.seed}"
+    best = metrics.get("best_val_wf1", float("nan"))
+    line = f"{name}  epoch {epoch}/{cfg.epochs}  val wF1 {metrics.get('val_wf1', float('nan')):.2f}  best {best:.2f}"
+    if status == "RUNNING":
+        per_epoch = metrics.get("train_seconds", 0.0) * 1.15  # validation adds roughly this much
+        return f"{line}  ~{per_epoch * (cfg.epochs - epoch):.0f} s left at most"
+    if "test_wf1" in metrics:
+        line += (f" (epoch {int(metrics['selected_epoch'])})  test wF1 {metrics['test_wf1']:.2f}"
+                 + (f"  Acc-2 {metrics['test_acc2']:.2f}" if "test_acc2" in metrics else ""))
+    return f"{line}  {status.lower()}"
