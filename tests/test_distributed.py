@@ -102,12 +102,13 @@ def alive_training_workers() -> list:
     return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
 
 
-def kill_a_worker_during_epoch(client, experiment: str, epoch: int) -> dict:
-    """Wait for the only run of `experiment` to finish `epoch - 1`, then SIGKILL one worker part-way into `epoch`."""
+def kill_a_worker_during_epoch(client, experiment: str, epoch: int, seed: int | None = None) -> dict:
+    """Wait for the run of `experiment` (of `seed`, where it has several) to finish `epoch - 1`, then SIGKILL one
+    worker part-way into `epoch`."""
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     deadline = time.time() + 300
     while time.time() < deadline:
-        runs = client.search_runs([experiment_id])
+        runs = [r for r in client.search_runs([experiment_id]) if seed is None or r.data.tags["seed"] == str(seed)]
         if runs and len(done := client.get_metric_history(runs[0].info.run_id, "epoch")) >= epoch:
             break
         time.sleep(0.05)
@@ -144,6 +145,33 @@ def test_killed_worker_restores_from_the_last_checkpoint(reference_runs, medium,
     assert len(epochs) - EPOCHS <= 1, f"more than one epoch redone: {sorted(epochs)}"
     # Restored at an epoch boundary with the optimizer state, it continues exactly as the uninterrupted run.
     one_and_two_workers_agree(client, reference_runs[1], run_id)
+
+
+def test_worker_killed_in_a_later_seed_resumes_that_seed(reference_runs, medium, store, tmp_path):
+    """A stage's seeds share one worker group: a restart resumes the seed it was at, and the seeds already done
+    are neither trained nor evaluated again."""
+    from erc.train import run_all
+
+    client = mlflow.MlflowClient(store)
+    experiment = "erc-distributed-kill-seeds"
+    client.create_experiment(experiment)
+    configs = [config(medium[1], tmp_path, store, experiment=experiment, checkpoint_every=1, seed=seed)
+               for seed in (0, 1)]
+    outcome = []
+    trainer = threading.Thread(target=lambda: outcome.extend(run_all(configs)))
+    trainer.start()
+    killed = kill_a_worker_during_epoch(client, experiment, epoch=2, seed=1)
+    trainer.join(timeout=600)
+    assert outcome, "the stage did not finish after the worker was killed"
+    first, second = (r["run_id"] for r in outcome)
+    assert [m.value for m in client.get_metric_history(second, "restored_from_epoch")] == [1.0], killed
+    assert not client.get_metric_history(first, "restored_from_epoch")
+    assert sorted(m.step for m in client.get_metric_history(first, "val_wf1")) == list(range(EPOCHS))
+    # Seed 0 of the stage is the one-worker reference run; seed 1 matches its own uninterrupted run.
+    assert client.get_run(first).data.metrics["test_wf1"] == client.get_run(reference_runs[0]).data.metrics["test_wf1"]
+    alone = run(config(medium[1], tmp_path, store, seed=1))
+    assert history(client, second, "val_wf1") == history(client, alone["run_id"], "val_wf1")
+    assert outcome[1]["test_wf1"] == alone["test_wf1"]
 
 
 def test_deepspeed_zero2_on_cpu_end_to_end(ray_session, medium, store, tmp_path):
