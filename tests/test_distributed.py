@@ -194,7 +194,8 @@ def cluster_token(home: Path, ray: Path) -> str:
     """A fresh Ray auth token, made as the README makes one (`ray get-auth-token --generate`), in a home of its own:
     never one that an earlier run left in ~/.ray."""
     home.mkdir()
-    made = subprocess.run([str(ray), "get-auth-token", "--generate"], env={**os.environ, "HOME": str(home)},
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}  # else it echoes them
+    made = subprocess.run([str(ray), "get-auth-token", "--generate"], env={**env, "HOME": str(home)},
                           capture_output=True, text=True, timeout=120)
     assert made.returncode == 0 and made.stdout.strip(), made.stdout + made.stderr
     return made.stdout.strip()
