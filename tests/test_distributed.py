@@ -199,47 +199,80 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, seconds: float) -> None:
+def last_lines(log: Path, n: int = 30) -> str:
+    lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+    return "\n".join(lines[-n:]) or "(no output)"
+
+
+def wait_for_port(port: int, seconds: float, process: subprocess.Popen, log: Path) -> None:
+    """Wait until `process` listens on `port`; if it exits first or never listens, fail with its own last lines."""
+    name = " ".join(Path(word).name if i == 0 else word for i, word in enumerate(process.args[:3]))
     deadline = time.time() + seconds
     while time.time() < deadline:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
+        if process.poll() is not None:
+            raise RuntimeError(f"`{name}` exited with {process.returncode} before listening on 127.0.0.1:{port}; "
+                               f"its last lines ({log}):\n{last_lines(log)}")
         time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+    raise TimeoutError(f"`{name}`: nothing listens on 127.0.0.1:{port} after {seconds:.0f} s; "
+                       f"its last lines ({log}):\n{last_lines(log)}")
+
+
+def cluster_token(home: Path, ray: Path) -> str:
+    """A fresh Ray auth token, made as the README makes one (`ray get-auth-token --generate`), in a home of its own:
+    never one that an earlier run left in ~/.ray."""
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}  # else it echoes them
+    made = subprocess.run([str(ray), "get-auth-token", "--generate"], env={**env, "HOME": str(home)},
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and made.stdout.strip(), made.stdout + made.stderr
+    return made.stdout.strip()
 
 
 @pytest.fixture
 def head_and_tracking_server(tmp_path):
-    """A Ray head (`ray start --head`) and an `mlflow server`, both on 127.0.0.1, stopped afterwards."""
+    """A Ray head (`ray start --head`) and an `mlflow server`, both on 127.0.0.1, stopped afterwards.
+
+    Ray's token authentication is on, as on a real cluster. `ray start` does not make a token, so the fixture makes
+    one and hands it to the head and to `ray job submit` in RAY_AUTH_TOKEN (which Ray reads before ~/.ray/auth_token).
+    Each server's output goes to a log in tmp_path; a server that exits or never listens fails with its last lines."""
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    # Ray's token authentication, as on a real cluster: the head makes ~/.ray/auth_token if missing, the CLI reads it.
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
     env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = cluster_token(tmp_path / "token-home", bin_dir / "ray")
     gcs, dashboard, tracking = free_port(), free_port(), free_port()
     # Ports with fixed defaults get free ones: the test session's own Ray cluster already holds the defaults.
     fixed = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
              "--runtime-env-agent-port", "--ray-client-server-port"]
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         *[f"{flag}={free_port()}" for flag in fixed], "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    server = subprocess.Popen(
-        [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(tracking),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts")], env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True)
+    head_log, server_log = tmp_path / "ray-head.log", tmp_path / "mlflow-server.log"
+    with head_log.open("wb") as out:
+        head = subprocess.Popen(
+            [str(bin_dir / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+             "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             *[f"{flag}={free_port()}" for flag in fixed], "--disable-usage-stats"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    with server_log.open("wb") as out:
+        server = subprocess.Popen(
+            [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(tracking),
+             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+             "--artifacts-destination", str(tmp_path / "artifacts")],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     marker = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
     previous = marker.read_text() if marker.is_file() else None  # `ray start` points it at its head
     try:
-        wait_for_port(dashboard, 120)
-        wait_for_port(tracking, 120)
+        wait_for_port(dashboard, 120, head, head_log)
+        wait_for_port(tracking, 120, server, server_log)
         yield {"dashboard": f"http://127.0.0.1:{dashboard}", "tracking": f"http://127.0.0.1:{tracking}", "env": env}
     finally:
         for process in (head, server):
-            os.killpg(process.pid, signal.SIGTERM)
+            try:  # the whole group: a head that failed may have left its raylet or GCS behind
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         for process in (head, server):
             try:
                 process.wait(timeout=10)
