@@ -661,6 +661,7 @@ def run_all(runs: list[TrainConfig], *, tags: dict | None = None, export_checkpo
             results.append({"run_id": cfg.run_id, "seed": cfg.seed,
                             **{k: v for k, v in metrics.items() if k.startswith(("test_", "selected_"))}})
         if export_checkpoint:
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # two small files
             with atomic_path(export_checkpoint) as tmp, tempfile.TemporaryDirectory() as download:
                 Path(tmp).mkdir()
                 client.download_artifacts(runs[0].run_id, "checkpoint", download)
