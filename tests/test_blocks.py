@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from erc.models.blocks import AttentionBlock, Packing
+from erc.models.blocks import AttentionBlock, Dropout, Packing
 
 B, T, D, HEADS = 3, 6, 16, 4
 LENGTHS = [6, 2, 4]
@@ -55,3 +55,17 @@ def test_packing_round_trip():
     unpacked = packing.unpack(packed, fill=-1.0)
     torch.testing.assert_close(unpacked[mask], x[mask])
     assert (unpacked[~mask] == -1.0).all()
+
+
+def test_dropout_keeps_each_unit_with_probability_1_minus_p_and_rescales():
+    torch.manual_seed(0)
+    dropout = Dropout(0.3)
+    x = torch.ones(200_000, requires_grad=True)
+    y = dropout(x)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    assert kept.float().mean().item() == pytest.approx(0.7, abs=0.01)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.7)  # the gradient flows through the kept units only
+    assert torch.equal(dropout.eval()(x), x)
+    assert torch.equal(Dropout(0.0)(x), x) and (Dropout(1.0)(x) == 0).all()

@@ -85,7 +85,7 @@ from torch import nn
 
 from erc.data.dialogues import IGNORE, Batch
 from erc.models import ModelOutput, ModelSpec, register
-from erc.models.blocks import (AttentionBlock, MaskedConv1d, Packing, cross_entropy, kl_distill, score_l1,
+from erc.models.blocks import (AttentionBlock, Dropout, MaskedConv1d, Packing, cross_entropy, kl_distill, score_l1,
                                sinusoidal_positions)
 
 # Official IEMOCAP class weights: 1 / class frequency, labels hap, sad, neu, ang, exc, fru (erc's IEMOCAP order).
@@ -154,13 +154,13 @@ class SDT(nn.Module):
         self.project = nn.ModuleDict({m: MaskedConv1d(spec.input_dims[m], h, kernel_size=1, bias=False)
                                       for m in self.modalities})
         self.speaker = nn.Embedding(config.max_speakers, h)
-        self.input_dropout = nn.Dropout(config.dropout)
+        self.input_dropout = Dropout(config.dropout)
         self.encoders = nn.ModuleDict({n: AttentionBlock(h, config.heads, ff_dim=config.ff_dim, dropout=config.dropout,
                                                          attn_dropout=config.dropout) for n in names})
         self.unimodal_gates = nn.ModuleDict({n: UnimodalGate(h, config.freeze_unimodal_gate) for n in names})
         self.reduce = nn.ModuleDict({m: nn.Linear(M * h, h) for m in self.modalities})
         self.multimodal_gate = MultimodalGate(h) if M > 1 else None
-        self.modality_heads = nn.ModuleDict({m: nn.Sequential(nn.ReLU(), nn.Dropout(config.dropout),
+        self.modality_heads = nn.ModuleDict({m: nn.Sequential(nn.ReLU(), Dropout(config.dropout),
                                                               nn.Linear(h, spec.num_classes))
                                              for m in self.modalities} if M > 1 else {})
         self.fused_head = nn.Linear(h, spec.num_classes)
