@@ -274,3 +274,36 @@ def test_same_seed_same_loss(mosi_task):
 
     assert loss_with(0) == loss_with(0)
     assert loss_with(0) != loss_with(1)
+
+
+# Eval-mode outputs of SDT as of acf2b0b, which ran every layer on the padded batch with an explicit softmax
+# attention, for the SMALL model built after seed 0 on the batch of the test below. Running the position-wise
+# layers on the real utterances only (blocks.Packing) and the attention through scaled_dot_product_attention must
+# leave the function as it was.
+PADDED_REFERENCE = {
+    "losses": {"ce_fused": 0.706941, "ce_audio": 0.710063, "ce_text": 0.689377, "ce_video": 0.710988,
+               "kl_audio": 0.0106146, "kl_text": 0.00914466, "kl_video": 0.0024994, "score_l1": 1.50083},
+    "logits[3]": [[0.246671, 0.125123], [0.252983, 0.0380251], [0.189552, 0.0829294], [0.286622, 0.041543],
+                  [0.257776, 0.0948185], [0.227917, 0.141673], [0.258056, 0.053546]],
+    "logits_video[1, :4]": [[0.0412409, -0.0609717], [0.0834875, -0.242325], [0.162265, -0.157384],
+                            [0.108765, -0.207148]],
+    "gate[2, :5]": [[0.337641, 0.349694, 0.312665], [0.346963, 0.350071, 0.302966], [0.350341, 0.33532, 0.314338],
+                    [0.341317, 0.332097, 0.326586], [0.341038, 0.347701, 0.311261]],
+    "score[0]": [-0.401847, -0.398701, -0.293929, -0.26686, -0.277842, -0.307282, -0.254994],
+}
+
+
+def test_outputs_match_the_padded_implementation(mosi_task):
+    spec = subset_spec(mosi_task.spec, ("text", "audio", "video"))
+    torch.manual_seed(0)
+    model = build_model("sdt", spec, SMALL).eval()
+    batch = with_video(mosi_task.splits["train"].collate([0, 1, 2, 3]))
+    assert batch.mask.sum(1).tolist() == [7, 4, 5, 7]  # padding in the middle two dialogues
+    with torch.no_grad():
+        out = model(batch)
+    assert {k: float(v) for k, v in out.losses.items()} == pytest.approx(PADDED_REFERENCE["losses"], rel=1e-5)
+    close = functools.partial(torch.testing.assert_close, atol=1e-6, rtol=1e-5)
+    close(out.logits[3], torch.tensor(PADDED_REFERENCE["logits[3]"]))
+    close(out.extras["logits_video"][1, :4], torch.tensor(PADDED_REFERENCE["logits_video[1, :4]"]))
+    close(out.extras["gate"][2, :5], torch.tensor(PADDED_REFERENCE["gate[2, :5]"]))
+    close(out.score[0], torch.tensor(PADDED_REFERENCE["score[0]"]))

@@ -35,6 +35,32 @@ def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
     return pe
 
 
+class Packing:
+    """The real positions of a padded batch. pack: (B, T, ...) -> (N, ...), the N real rows in batch-major order;
+    unpack: back to (B, T, ...) with `fill` at the padded positions. Position-wise layers run on packed rows so
+    that no work goes into padding."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask  # (B, T)
+        self.index = mask.nonzero(as_tuple=True)  # (batch, time) of each real position, each (N,)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self.index]
+
+    def unpack(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        return x.new_full((*self.mask.shape, *x.shape[1:]), fill).index_put_(self.index, x)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with the keep mask drawn as `uniform >= p` (torch.rand_like) instead of by bernoulli_: the same
+    distribution, and about half the time on CPU, where bernoulli_ draws one number at a time."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p in (0.0, 1.0):
+            return super().forward(x)
+        return x * torch.rand_like(x).ge_(self.p).div_(1 - self.p)
+
+
 class MaskedConv1d(nn.Conv1d):
     """Conv1d over the utterance axis of (B, T, D) inputs; padded positions are zeroed before and after,
     so a real utterance's output is the same whatever padding follows it."""
@@ -68,7 +94,8 @@ class AttentionBlock(nn.Module):
     dropout, residual and LayerNorm; optionally a position-wise feed-forward sub-layer likewise.
 
     `attn_dim` lets the attention run in a smaller space than the model (MiSTER-E: 1024 -> 120, 3 heads).
-    Padded context positions are excluded by the key padding mask; padded query rows are zeroed.
+    Padded context positions are excluded by the key padding mask; padded query rows are zeroed. The
+    position-wise layers see the real positions only (`forward_packed`); only the attention is padded.
     """
 
     def __init__(self, dim: int, heads: int, *, attn_dim: int | None = None, ff_dim: int = 0,
@@ -78,29 +105,34 @@ class AttentionBlock(nn.Module):
         self.q, self.k, self.v = nn.Linear(dim, attn_dim), nn.Linear(dim, attn_dim), nn.Linear(dim, attn_dim)
         self.out = nn.Linear(attn_dim, dim)
         self.heads, self.attn_dropout = heads, attn_dropout
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
         self.ff = None
         if ff_dim:
-            self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(ff_dim, dim))
+            self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.ReLU(), Dropout(dropout), nn.Linear(ff_dim, dim))
             self.ff_norm = nn.LayerNorm(dim)
 
     def forward(self, query: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
                 attn_bias: torch.Tensor | None = None) -> torch.Tensor:
         """query, context: (B, T, D); mask: (B, T); attn_bias: optional (B, heads, T, T) added to the scores."""
-        B, T, _ = query.shape
-        split = lambda x: x.view(B, T, self.heads, -1).transpose(1, 2)  # noqa: E731  (B, h, T, d_h)
-        q, k, v = split(self.q(query)), split(self.k(context)), split(self.v(context))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, h, T, T)
-        if attn_bias is not None:
-            scores = scores + attn_bias
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-        weights = F.dropout(scores.softmax(-1), self.attn_dropout, self.training)
-        attended = (weights @ v).transpose(1, 2).reshape(B, T, -1)
+        packing = Packing(mask)
+        return packing.unpack(self.forward_packed(packing.pack(query), packing.pack(context), packing, attn_bias))
+
+    def forward_packed(self, query: torch.Tensor, context: torch.Tensor, packing: Packing,
+                       attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """query, context: (N, D), the real positions of `packing`; returns (N, D)."""
+        B, T = packing.mask.shape
+        heads = lambda x: packing.unpack(x).view(B, T, self.heads, -1).transpose(1, 2)  # noqa: E731  (B, h, T, d_h)
+        q, k, v = heads(self.q(query)), heads(self.k(context)), heads(self.v(context))
+        keep = packing.mask[:, None, None, :]  # (B, 1, 1, T): the real keys
+        scores_mask = keep if attn_bias is None else attn_bias.masked_fill(~keep, float("-inf"))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_mask,
+                                                  dropout_p=self.attn_dropout if self.training else 0.0)
+        attended = packing.pack(attended.transpose(1, 2)).flatten(1)  # (N, attn_dim)
         x = self.norm(query + self.dropout(self.out(attended)))
         if self.ff is not None:
             x = self.ff_norm(x + self.dropout(self.ff(x)))
-        return x * mask.unsqueeze(-1).to(x.dtype)
+        return x
 
 
 # ---------------------------------------------------------------- experts

@@ -54,8 +54,10 @@ Departs from the official code
   feed-forward residual) with a ReLU feed-forward. The official one-layer encoder has no LayerNorm around the
   attention, a LayerNorm (eps 1e-6) before the feed-forward (pre-norm), GELU, and no final LayerNorm. The
   parameter shapes, the attention, the dropouts and the residual connections are the same.
-- Padding: padded keys are masked (as the official -1e10 fill) and padded query rows are zeroed, so real
-  utterances do not depend on padding; the official padding slot of the speaker embedding is not needed.
+- Padding: the encoders, unimodal gates and reductions run on the real utterances only (packed; the attention
+  alone sees the padded dialogue, with padded keys masked as the official -1e10 fill does), so real utterances do
+  not depend on padding and no time goes into it; the official padding slot of the speaker embedding is not
+  needed. A padded position enters the multimodal gate and heads with zero states (uniform gate); no loss sees it.
 - Speakers: erc gives a per-dialogue speaker index by first appearance. The embedding has `max_speakers`
   slots; an index at or beyond the last slot shares it (clamped), so dialogues with more speakers than
   slots still run (MELD's training dialogues have at most 9 speakers, IEMOCAP's 2).
@@ -83,7 +85,8 @@ from torch import nn
 
 from erc.data.dialogues import IGNORE, Batch
 from erc.models import ModelOutput, ModelSpec, register
-from erc.models.blocks import AttentionBlock, MaskedConv1d, cross_entropy, kl_distill, score_l1, sinusoidal_positions
+from erc.models.blocks import (AttentionBlock, Dropout, MaskedConv1d, Packing, cross_entropy, kl_distill, score_l1,
+                               sinusoidal_positions)
 
 # Official IEMOCAP class weights: 1 / class frequency, labels hap, sad, neu, ang, exc, fru (erc's IEMOCAP order).
 IEMOCAP_CLASS_WEIGHTS = [1 / 0.086747, 1 / 0.144406, 1 / 0.227883, 1 / 0.160585, 1 / 0.127711, 1 / 0.252668]
@@ -151,13 +154,13 @@ class SDT(nn.Module):
         self.project = nn.ModuleDict({m: MaskedConv1d(spec.input_dims[m], h, kernel_size=1, bias=False)
                                       for m in self.modalities})
         self.speaker = nn.Embedding(config.max_speakers, h)
-        self.input_dropout = nn.Dropout(config.dropout)
+        self.input_dropout = Dropout(config.dropout)
         self.encoders = nn.ModuleDict({n: AttentionBlock(h, config.heads, ff_dim=config.ff_dim, dropout=config.dropout,
                                                          attn_dropout=config.dropout) for n in names})
         self.unimodal_gates = nn.ModuleDict({n: UnimodalGate(h, config.freeze_unimodal_gate) for n in names})
         self.reduce = nn.ModuleDict({m: nn.Linear(M * h, h) for m in self.modalities})
         self.multimodal_gate = MultimodalGate(h) if M > 1 else None
-        self.modality_heads = nn.ModuleDict({m: nn.Sequential(nn.ReLU(), nn.Dropout(config.dropout),
+        self.modality_heads = nn.ModuleDict({m: nn.Sequential(nn.ReLU(), Dropout(config.dropout),
                                                               nn.Linear(h, spec.num_classes))
                                              for m in self.modalities} if M > 1 else {})
         self.fused_head = nn.Linear(h, spec.num_classes)
@@ -169,26 +172,30 @@ class SDT(nn.Module):
         cfg, mask = self.config, batch.mask
         B, T = mask.shape
 
-        # Inputs: kernel-1 projection (zero where the modality is missing) + positions + speakers.
+        # Inputs: kernel-1 projection (zero where the modality is missing) + positions + speakers, at the N real
+        # utterances only (packed): the encoders' attention is the one place that needs the padded layout.
+        real = Packing(mask)
         speakers = batch.speakers.clamp(0, cfg.max_speakers - 1)
-        context = sinusoidal_positions(T, cfg.hidden, device=mask.device) + self.speaker(speakers)  # (B, T, h)
-        inputs = {m: self.project[m](batch.features[m], batch.modality_mask[m]) + context
+        context = real.pack(sinusoidal_positions(T, cfg.hidden, device=mask.device) + self.speaker(speakers))  # (N, h)
+        inputs = {m: real.pack(self.project[m](batch.features[m], batch.modality_mask[m])) + context
                   for m in self.modalities}
 
         # Intra- and inter-modal transformers, unimodal gates, reduction per target modality.
-        states = {}
+        states = []
         for t in self.modalities:
             outs = []
             for s in self.sources[t]:
                 name = f"{s}_{t}"
                 query = self.input_dropout(inputs[t])
                 source = query if s == t else self.input_dropout(inputs[s])
-                outs.append(self.unimodal_gates[name](self.encoders[name](query, source, mask)))
-            states[t] = self.reduce[t](torch.cat(outs, dim=-1))  # (B, T, h)
+                outs.append(self.unimodal_gates[name](self.encoders[name].forward_packed(query, source, real)))
+            states.append(self.reduce[t](torch.cat(outs, dim=-1)))  # (N, h)
+        stacked = real.unpack(torch.stack(states, dim=-2))  # (B, T, M, h), zero at padding
+        states = dict(zip(self.modalities, stacked.unbind(-2)))
 
-        # Multimodal gate and heads.
+        # Multimodal gate and heads, on the padded batch again (a padded utterance gets a uniform gate).
         if self.multimodal_gate is not None:
-            fused, gate = self.multimodal_gate(torch.stack([states[m] for m in self.modalities], dim=-2))
+            fused, gate = self.multimodal_gate(stacked)
             gate = gate.mean(-1)  # (B, T, M)
         else:
             fused, gate = states[self.modalities[0]], torch.ones(B, T, 1, device=mask.device)
