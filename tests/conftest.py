@@ -23,7 +23,13 @@ def ray_session():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True})
+    import socket
+
+    with socket.socket() as s:  # a free dashboard port: another Ray on the machine may hold the default one
+        s.bind(("127.0.0.1", 0))
+        dashboard_port = s.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
+                                                            "dashboard_port": dashboard_port})
     cluster.add_node(num_cpus=2)
     ray.init(address=cluster.address, configure_logging=False)
     yield cluster
