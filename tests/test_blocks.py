@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from erc.models.blocks import AttentionBlock, Dropout, Packing
+from erc.models.blocks import AttentionBlock, Dropout, MaskedConv1d, Packing
 
 B, T, D, HEADS = 3, 6, 16, 4
 LENGTHS = [6, 2, 4]
@@ -69,3 +69,15 @@ def test_dropout_keeps_each_unit_with_probability_1_minus_p_and_rescales():
     torch.testing.assert_close(x.grad, kept.float() / 0.7)  # the gradient flows through the kept units only
     assert torch.equal(dropout.eval()(x), x)
     assert torch.equal(Dropout(0.0)(x), x) and (Dropout(1.0)(x) == 0).all()
+
+
+def test_masked_conv1d_packed_is_the_padded_convolution_at_the_real_positions():
+    torch.manual_seed(0)
+    mask = torch.arange(T) < torch.tensor(LENGTHS)[:, None]
+    present = mask & (torch.rand(B, T) > 0.3)  # some real positions lack the modality
+    conv, x = MaskedConv1d(D, 8, kernel_size=1), torch.randn(B, T, D)
+    packing = Packing(mask)
+    torch.testing.assert_close(conv.forward_packed(packing.pack(x), packing.pack(present)),
+                               packing.pack(conv(x, present)))
+    with pytest.raises(ValueError, match="kernel_size 1"):
+        MaskedConv1d(D, 8, kernel_size=3, padding=1).forward_packed(packing.pack(x), packing.pack(present))

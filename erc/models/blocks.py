@@ -69,6 +69,13 @@ class MaskedConv1d(nn.Conv1d):
         x = x * mask.unsqueeze(-1).to(x.dtype)
         return super().forward(x.transpose(1, 2)).transpose(1, 2) * mask.unsqueeze(-1).to(x.dtype)
 
+    def forward_packed(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (N, D_in) -> (N, D_out)
+        """Kernel size 1 only (a linear map per position), on packed positions (see Packing); mask: (N,)."""
+        if self.kernel_size != (1,):
+            raise ValueError("forward_packed needs kernel_size 1: a wider kernel mixes neighbouring positions")
+        mask = mask.unsqueeze(-1).to(x.dtype)
+        return F.linear(x * mask, self.weight.squeeze(-1), self.bias) * mask
+
 
 class MaskedBiGRU(nn.Module):
     """Bidirectional GRU over the real utterances only (packed), zeros at padded positions. (B,T,D)->(B,T,2H)."""

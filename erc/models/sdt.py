@@ -54,10 +54,10 @@ Departs from the official code
   feed-forward residual) with a ReLU feed-forward. The official one-layer encoder has no LayerNorm around the
   attention, a LayerNorm (eps 1e-6) before the feed-forward (pre-norm), GELU, and no final LayerNorm. The
   parameter shapes, the attention, the dropouts and the residual connections are the same.
-- Padding: the encoders, unimodal gates and reductions run on the real utterances only (packed; the attention
-  alone sees the padded dialogue, with padded keys masked as the official -1e10 fill does), so real utterances do
-  not depend on padding and no time goes into it; the official padding slot of the speaker embedding is not
-  needed. A padded position enters the multimodal gate and heads with zero states (uniform gate); no loss sees it.
+- Padding: every layer runs on the real utterances only (packed), the attention alone on the padded dialogue
+  with padded keys masked (as the official -1e10 fill), so real utterances do not depend on padding and no time
+  goes into it; the official padding slot of the speaker embedding is not needed. The outputs at padded
+  positions are zeros (the gate there is uniform); no loss sees them.
 - Speakers: erc gives a per-dialogue speaker index by first appearance. The embedding has `max_speakers`
   slots; an index at or beyond the last slot shares it (clamped), so dialogues with more speakers than
   slots still run (MELD's training dialogues have at most 9 speakers, IEMOCAP's 2).
@@ -131,9 +131,9 @@ class MultimodalGate(nn.Module):
         super().__init__()
         self.fc = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, T, M, h)
-        weights = self.fc(states).softmax(dim=-2)  # (B, T, M, h)
-        return (weights * states).sum(-2), weights  # (B, T, h), (B, T, M, h)
+    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (..., M, h)
+        weights = self.fc(states).softmax(dim=-2)  # (..., M, h)
+        return (weights * states).sum(-2), weights  # (..., h), (..., M, h)
 
 
 @register("sdt")
@@ -170,15 +170,15 @@ class SDT(nn.Module):
 
     def forward(self, batch: Batch) -> ModelOutput:
         cfg, mask = self.config, batch.mask
-        B, T = mask.shape
+        T = mask.shape[1]
 
         # Inputs: kernel-1 projection (zero where the modality is missing) + positions + speakers, at the N real
-        # utterances only (packed): the encoders' attention is the one place that needs the padded layout.
+        # utterances only (packed): everything but the encoders' attention runs on them.
         real = Packing(mask)
         speakers = batch.speakers.clamp(0, cfg.max_speakers - 1)
         context = real.pack(sinusoidal_positions(T, cfg.hidden, device=mask.device) + self.speaker(speakers))  # (N, h)
-        inputs = {m: real.pack(self.project[m](batch.features[m], batch.modality_mask[m])) + context
-                  for m in self.modalities}
+        inputs = {m: self.project[m].forward_packed(real.pack(batch.features[m]), real.pack(batch.modality_mask[m]))
+                  + context for m in self.modalities}
 
         # Intra- and inter-modal transformers, unimodal gates, reduction per target modality.
         states = []
@@ -190,20 +190,20 @@ class SDT(nn.Module):
                 source = query if s == t else self.input_dropout(inputs[s])
                 outs.append(self.unimodal_gates[name](self.encoders[name].forward_packed(query, source, real)))
             states.append(self.reduce[t](torch.cat(outs, dim=-1)))  # (N, h)
-        stacked = real.unpack(torch.stack(states, dim=-2))  # (B, T, M, h), zero at padding
-        states = dict(zip(self.modalities, stacked.unbind(-2)))
+        states = torch.stack(states, dim=-2)  # (N, M, h)
 
-        # Multimodal gate and heads, on the padded batch again (a padded utterance gets a uniform gate).
+        # Multimodal gate and heads; outputs back in the padded layout (padded utterances: zeros, a uniform gate).
         if self.multimodal_gate is not None:
-            fused, gate = self.multimodal_gate(stacked)
-            gate = gate.mean(-1)  # (B, T, M)
+            fused, gate = self.multimodal_gate(states)  # (N, h), (N, M, h)
         else:
-            fused, gate = states[self.modalities[0]], torch.ones(B, T, 1, device=mask.device)
-        out = ModelOutput(logits=self.fused_head(fused), extras={"gate": gate})
-        unimodal = {m: self.modality_heads[m](states[m]) for m in self.modality_heads}
+            fused, gate = states[:, 0], torch.ones_like(states)
+        out = ModelOutput(logits=real.unpack(self.fused_head(fused)),  # (B, T, C)
+                          extras={"gate": real.unpack(gate.mean(-1), fill=1 / len(self.modalities))})  # (B, T, M)
+        unimodal = {m: real.unpack(self.modality_heads[m](states[:, i]))
+                    for i, m in enumerate(self.modalities) if m in self.modality_heads}
         out.extras.update({f"logits_{m}": z for m, z in unimodal.items()})
         if self.score_head is not None:
-            out.score = self.score_head(fused).squeeze(-1)
+            out.score = real.unpack(self.score_head(fused).squeeze(-1))
 
         # Loss: γ1·CE(fused) + γ2·Σ CE(m) + γ3·Σ KL(teacher = fused ‖ student = m), each term named.
         if (batch.labels != IGNORE).any():
