@@ -32,7 +32,10 @@ class RunProgress:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.update()  # the final state of every run
+        try:
+            self.update()  # the final state of every run
+        except Exception:  # never hide the error that ended the stage behind one of the store's
+            pass
         for bar in self.bars.values():
             bar.close()
 
