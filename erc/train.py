@@ -535,6 +535,11 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
     else:
+        # A local Ray of its own temp dir: Ray processes that look for "the" cluster (its pointer file there, which
+        # Ray Train's placement-group cleaner follows) then find this one, not another erc run's or a test's.
+        os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="erc-ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        # Ray Train's spot-instance preemption watcher has nothing to watch here, and prints an error line per run.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # The dashboard stays on: Ray's state API (Ray Train's placement-group cleaner, Tune) needs it.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", **quiet)
     logging.getLogger("ray").setLevel(logging.WARNING)
