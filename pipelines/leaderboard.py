@@ -25,7 +25,11 @@ def main():
 
     client = mlflow.MlflowClient(tracking_uri())
     runs = leaderboard.fetch_runs(client, leaderboard.run_ids_from(sorted(args.run_files)))
-    board = leaderboard.summarise(runs)
+    predictions = {}
+    for run_id in runs["run_id"]:  # each run's test predictions, read once for the intervals, tests and plots
+        with tempfile.TemporaryDirectory() as dl:
+            predictions[run_id] = pd.read_csv(client.download_artifacts(run_id, "test_predictions.csv", dl))
+    board = leaderboard.add_significance(leaderboard.summarise(runs), runs, predictions)
     out = Path(args.out)
     with atomic_path(out / "leaderboard.csv") as tmp:
         board.to_csv(tmp, index=False, float_format="%.4f")
@@ -36,13 +40,10 @@ def main():
     # DVC confusion plots: the test predictions of every seed, pooled, per (dataset, model).
     with atomic_path(out / "confusion") as tmp_dir:
         tmp_dir.mkdir()
-        for (dataset, model), part in runs.groupby(["dataset", "model"]):
-            frames = []
-            for run_id in part["run_id"]:
-                with tempfile.TemporaryDirectory() as dl:
-                    path = client.download_artifacts(run_id, "test_predictions.csv", dl)
-                    frames.append(pd.read_csv(path)[["actual", "predicted"]])
-            pd.concat(frames).to_csv(tmp_dir / f"{dataset}_{model}.csv", index=False)
+        for (dataset, variant, model), part in runs.groupby(["dataset", "variant", "model"]):
+            name = f"{dataset}_{model}" + ("" if variant == leaderboard.MAIN_VARIANT else f"_{variant}")
+            frames = [predictions[run_id][["actual", "predicted"]] for run_id in part["run_id"]]
+            pd.concat(frames).to_csv(tmp_dir / f"{name}.csv", index=False)
     print(leaderboard.to_markdown(board))
 
 

@@ -7,6 +7,7 @@ import argparse
 
 from erc.data import ADAPTERS
 from erc.data.canonical import counts, save
+from erc.leakage import probe_features
 from erc.params import load_params, stage_main
 from erc.sources import DatasetFiles
 
@@ -19,8 +20,10 @@ def main():
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
 
-    entry = load_params(args.params)["datasets"][args.dataset]
+    params = load_params(args.params)
+    entry = params["datasets"][args.dataset]
     prepared, dialogues = ADAPTERS[entry["adapter"]](DatasetFiles(entry["files"]), entry.get("options") or {})
+    probe_features(args.dataset, prepared.table, prepared.features, prepared.meta, max_gap=params["leakage"]["max_gap"])
     save(prepared, args.out, expected_dialogues=dialogues)
     for split, c in counts(prepared.table).items():
         print(f"{args.dataset} {split}: {c}")

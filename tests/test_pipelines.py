@@ -55,3 +55,59 @@ def test_teacher_takes_one_modality_and_the_teacher_seed():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     (cfg,) = configs_from_params(params, "iemocap", "baseline", seeds=[7], modalities=["text"])
     assert cfg.inputs == {"text": params["inputs"]["iemocap"]["text"]} and cfg.seed == 7
+
+
+def test_per_dataset_model_settings():
+    from erc.train import configs_from_params
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["models"]["sdt"]["per_dataset"] = {"meld": {"temperature": 8.0}}
+    (meld,) = configs_from_params(params, "meld", "sdt", seeds=[0])
+    (iemocap,) = configs_from_params(params, "iemocap", "sdt", seeds=[0])
+    assert meld.model_config["temperature"] == 8.0
+    assert "temperature" not in iemocap.model_config and "per_dataset" not in iemocap.model_config
+    params["models"]["sdt"]["per_dataset"] = {"meld": {"temprature": 8.0}}
+    with pytest.raises(Exception, match="temprature"):
+        configs_from_params(params, "meld", "sdt", seeds=[0])
+
+
+def test_class_weights_are_a_dataset_policy_not_a_model_setting():
+    from erc.errors import ErcDataError
+    from erc.train import configs_from_params
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["per_dataset"] = {"iemocap": {"class_weights": "balanced"}}
+    for model in ("baseline", "mister_e", "sdt", "mmolre", "summer"):
+        assert configs_from_params(params, "iemocap", model, seeds=[0])[0].class_weights == "balanced"
+        assert configs_from_params(params, "meld", model, seeds=[0])[0].class_weights == "none"
+    params["train"]["per_model"] = {"sdt": {"per_dataset": {"iemocap": {"class_weights": "sdt_iemocap"}}}}
+    with pytest.raises(ErcDataError, match="dataset's policy for every model"):
+        configs_from_params(params, "iemocap", "sdt", seeds=[0])
+
+
+def test_the_class_weight_policy_reaches_every_model_alike(tiny_emotion):
+    import numpy as np
+    import torch
+
+    from erc.errors import ErcDataError
+    from erc.models import MODELS, build_model
+    from erc.train import TrainConfig, load_task
+    from tests.fixtures import INPUTS
+
+    def spec(policy):
+        cfg = TrainConfig(dataset="tiny", prepared=str(tiny_emotion), inputs=dict(INPUTS), class_weights=policy)
+        return load_task(cfg, splits=("train",)).spec
+
+    task = load_task(TrainConfig(dataset="tiny", prepared=str(tiny_emotion), inputs=dict(INPUTS)), splits=("train",))
+    balanced = spec("balanced")
+    assert spec("none").class_weights is None
+    counts = np.bincount(task.prepared.table.query("split == 'train'")["emotion_id"], minlength=3)
+    np.testing.assert_allclose(balanced.class_weights, counts.sum() / (3 * counts))
+    for name in MODELS:
+        model = build_model(name, balanced, {})
+        torch.testing.assert_close(model.class_weights, torch.tensor(balanced.class_weights, dtype=torch.float32),
+                                   msg=f"{name} does not weight its loss by the dataset's policy")
+    with pytest.raises(ErcDataError, match="labels"):
+        spec("sdt_iemocap")  # IEMOCAP's six labels, not the fixture's three
+    with pytest.raises(ErcDataError, match="not none, balanced"):
+        spec("balnced")

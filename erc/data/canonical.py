@@ -206,13 +206,25 @@ def load(directory, *, extra_feature_dirs=(), feature_names=None) -> Prepared:
         feature_names = [p.stem for d in search if d.is_dir() for p in sorted(d.glob("*.json"))]
     features = {}
     for name in feature_names:
-        found = [d for d in search if (d / f"{name}.json").is_file()]
-        if not found:
-            raise ErcDataError(directory, f"feature set {name!r} not found in {[str(d) for d in search]}")
-        features[name] = load_features(found[0], name)
+        found = feature_dir(directory, extra_feature_dirs, name)
+        features[name] = load_features(found, name)
         if features[name].values.shape[0] != len(table):
-            raise ErcDataError(found[0] / f"{name}.npy", f"{features[name].values.shape[0]} rows for {len(table)} utterances")
+            raise ErcDataError(found / f"{name}.npy", f"{features[name].values.shape[0]} rows for {len(table)} utterances")
     return Prepared(table, meta, features)
+
+
+def feature_dir(directory, extra_feature_dirs, name: str) -> Path:
+    """Where feature set `name` of a prepared dataset lives: its own features, then the computed ones."""
+    search = [Path(directory) / "features", *map(Path, extra_feature_dirs)]
+    for d in search:
+        if (d / f"{name}.json").is_file():
+            return d
+    raise ErcDataError(directory, f"feature set {name!r} not found in {[str(d) for d in search]}")
+
+
+def feature_info(directory, extra_feature_dirs, name: str) -> dict:
+    """A feature set's description (its JSON: modality, dim, encoder, label_derived, leakage_probe...)."""
+    return json.loads((feature_dir(directory, extra_feature_dirs, name) / f"{name}.json").read_text())
 
 
 def counts(table: pd.DataFrame) -> dict:

@@ -28,6 +28,12 @@ SENTIMENTS = ["negative", "positive"]
 FEATURE_DIMS = {"text": 100, "audio": 73, "video": 100}
 
 
+
+# bc-LSTM's text and video features are the hidden states of networks trained with the sentiment labels of MOSI's
+# whole training split, which holds erc's validation videos; its audio set is openSMILE's, made without labels.
+LABEL_DERIVED = {m: {"label_derived": True, "label_derived_why": "learnt with the labels of MOSI's training split, "
+                     "which holds erc's validation videos"} for m in ("text", "video")}
+
 def read_scores(path) -> dict[str, float]:
     """Transcript id -> continuous sentiment, from the SDK's computational sequence."""
     try:
@@ -97,7 +103,8 @@ def build(files: DatasetFiles, options: dict) -> tuple[Prepared, list[str]]:
     source_names = {"text": "text_{}", "audio": "audio_{}", "video": "video_{}"}
     features = {
         f"bclstm_{m}": FeatureSet(f"bclstm_{m}", m, np.concatenate(feats[m])[order].astype(np.float32),
-                                  [files.entries[source_names[m].format(s)]["url"] for s in ("train", "test")])
+                                  [files.entries[source_names[m].format(s)]["url"] for s in ("train", "test")],
+                                  info=dict(LABEL_DERIVED.get(m, {"label_derived": False})))
         for m in FEATURE_DIMS
     }
     meta = {
