@@ -15,7 +15,7 @@ from pathlib import Path
 
 from erc.params import load_params, stage_main
 from erc.train import configs_from_params, init_ray, resolve_locations
-from erc.tune import SearchInterrupted, default_name, search, space_for, write_best
+from erc.tune import SearchInterrupted, default_name, discard, search, space_for, write_best
 
 
 @stage_main
@@ -27,6 +27,8 @@ def main():
     parser.add_argument("--trials", type=int, help="trial budget (default: tune.trials)")
     parser.add_argument("--name", help="search name, the folder under tune.storage_path (default: tune-<dataset>-<model>)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted search of this name")
+    parser.add_argument("--replace", action="store_true",
+                        help="start afresh, discarding an earlier search of this name (a pipeline's rerun)")
     parser.add_argument("--teacher", help="checkpoint directory of SUMMER's frozen teacher")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
@@ -38,12 +40,16 @@ def main():
     overrides = {"teacher_checkpoint": str(Path(args.teacher).resolve())} if args.teacher else None
     (base,) = configs_from_params(params, args.dataset, args.model, source=args.params,
                                   seeds=params["train"]["seeds"][:1], model_overrides=overrides)
+    base.epochs = tune.get("epochs") or base.epochs
     resolve_locations(base)
+    name = args.name or default_name(args.dataset, args.model)
+    if args.replace and not args.resume:
+        discard(tune.get("storage_path", "ray_results/tune"), name)
     init_ray()
     try:
         best = search(base, space, trials=args.trials or tune.get("trials", 20),
                       storage_path=tune.get("storage_path", "ray_results/tune"),
-                      name=args.name or default_name(args.dataset, args.model),
+                      name=name,
                       cpus_per_trial=tune.get("cpus_per_trial", 1), max_concurrent=tune.get("max_concurrent"),
                       grace_period=tune.get("grace_period", 3),
                       reduction_factor=tune.get("reduction_factor", 2), seed=tune.get("seed", 0), resume=args.resume)
