@@ -1,14 +1,15 @@
-"""Stage `prepare@<dataset>`: the dataset's public files -> its canonical directory.
+"""Stage `prepare@<dataset>`: the dataset's files -> its canonical directory.
 
     python pipelines/prepare.py mosi --out data/prepared/mosi
+
+`erc check-data <dataset>` shows what this would write, and every problem, without writing anything.
 """
 
 import argparse
 
-from erc.data import ADAPTERS
+from erc.data import build_dataset
 from erc.data.canonical import counts, save
 from erc.params import load_params, stage_main
-from erc.sources import DatasetFiles
 
 
 @stage_main
@@ -19,8 +20,7 @@ def main():
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
 
-    entry = load_params(args.params)["datasets"][args.dataset]
-    prepared, dialogues = ADAPTERS[entry["adapter"]](DatasetFiles(entry["files"]), entry.get("options") or {})
+    prepared, dialogues = build_dataset(load_params(args.params), args.dataset, source=args.params)
     save(prepared, args.out, expected_dialogues=dialogues)
     for split, c in counts(prepared.table).items():
         print(f"{args.dataset} {split}: {c}")

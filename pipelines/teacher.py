@@ -3,7 +3,7 @@
 The `teacher.model` of params trained on `teacher.modality` alone (one seed, selected on validation like
 every run, tracked in MLflow with tag role=teacher); its checkpoint directory is the stage's output.
 
-    python pipelines/teacher.py meld --out runs/meld/teacher
+    python pipelines/teacher.py meld --out runs/teacher/meld
 """
 
 import argparse

@@ -1,7 +1,7 @@
 """Stage `train@<dataset>-<model>`: one Ray Train run per seed, each an MLflow run; writes the run list.
 
-    python pipelines/train.py --dataset meld --model baseline --out runs/meld/baseline.json
-    python pipelines/train.py --dataset meld --model summer --teacher runs/meld/teacher --out runs/meld/summer.json
+    python pipelines/train.py --dataset meld --model baseline --out runs/default/meld/baseline.json
+    python pipelines/train.py --dataset meld --model summer --teacher runs/teacher/meld --out runs/default/meld/summer.json
 """
 
 import time
