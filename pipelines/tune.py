@@ -13,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from erc.config import check_teacher
 from erc.params import load_params, stage_main
 from erc.train import configs_from_params, init_ray, resolve_locations
 from erc.tune import SearchInterrupted, default_name, search, space_for, write_best
@@ -32,6 +33,7 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     args = parser.parse_args()
 
+    check_teacher(args.model, args.teacher)
     params = load_params(args.params, args.set)
     tune = params.get("tune") or {}
     space = space_for(params, args.model, source=args.params)

@@ -21,8 +21,8 @@ def run_train(tmp_path, params: dict, model="baseline", dataset="meld"):
 @pytest.mark.parametrize("change, model, dataset, fragment", [
     (lambda p: None, "no_such_model", "meld", "unknown model 'no_such_model'"),
     (lambda p: None, "baseline", "no_such_dataset", "no inputs.no_such_dataset entry"),
-    (lambda p: p["models"]["baseline"].update(hiddn=3), "baseline", "meld", "unexpected keyword argument 'hiddn'"),
-    (lambda p: p["train"].update(learning_rate=3), "baseline", "meld", "unexpected keyword argument 'learning_rate'"),
+    (lambda p: p["models"]["baseline"].update(hiddn=3), "baseline", "meld", "models.baseline.hiddn: unknown key"),
+    (lambda p: p["train"].update(learning_rate=3), "baseline", "meld", "train.learning_rate: unknown key"),
 ])
 def test_train_stage_rejects_bad_params(tmp_path, change, model, dataset, fragment):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
