@@ -376,3 +376,41 @@ def test_docs_worked_example_checks_clean(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the entry's paths are relative to the project root, here tmp_path
     prepared, dialogues = build_dataset(entries, "friends")
     assert prepared.meta["dataset"] == "friends" and len(dialogues) == 32
+
+
+@pytest.mark.slow
+def test_a_new_corpus_is_a_params_entry_through_dvc_repro(tmp_path):
+    """docs/datasets.md's corpus (TSV, list speakers, a three-column dialogue key, mapped labels, no validation
+    file) added to a fresh clone by editing params.yaml alone; `dvc repro` runs it through the leaderboard."""
+    clone = tmp_path / "erc"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    subprocess.run(["git", "checkout", "-q", head.strip()], cwd=clone, check=True)
+    home = tmp_path / "corpus_home"
+    home.mkdir()
+    example = worked_example(home)
+    entry = example["datasets"]["friends"]
+    for file in entry["files"].values():
+        file["path"] = str(home / file["path"])
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["datasets"]["friends"] = entry
+    params["inputs"]["friends"] = example["inputs"]["friends"]
+    # Only the new corpus, one seed, two epochs: the three built-in datasets need the data mirror and an hour.
+    params["pipeline"]["datasets"] = ["friends"]
+    params["train"].update(seeds=[0], epochs=2, patience=1)
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout
+    assert changed.split() == ["M", "params.yaml"]
+
+    env = {**os.environ, "PYTHONPATH": str(clone), "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    subprocess.run(["dvc", "repro"], cwd=clone, env=env, check=True, timeout=1800)
+    board = pd.read_csv(clone / "reports" / "leaderboard.csv")
+    models = params["pipeline"]["models"] + params["pipeline"]["distilled"]
+    assert set(board["dataset"]) == {"friends"} and sorted(board["model"]) == sorted(models)
+    assert board["wf1_mean"].between(0, 100).all()
+    prepared = canonical.load(clone / "data" / "prepared" / "friends")
+    assert set(prepared.table["split"]) == {"train", "valid", "test"}  # validation carved from train
+    assert prepared.meta["emotion_labels"] == ["neutral", "joy", "anger", "fear", "sadness"]
+    again = subprocess.run(["dvc", "repro"], cwd=clone, env=env, check=True, capture_output=True, text=True)
+    assert "Running stage" not in again.stdout
