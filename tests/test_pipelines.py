@@ -1,5 +1,7 @@
 """Stage programs on bad params: exit 1 with one line naming the params file, before any work starts."""
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +57,43 @@ def test_teacher_takes_one_modality_and_the_teacher_seed():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     (cfg,) = configs_from_params(params, "iemocap", "baseline", seeds=[7], modalities=["text"])
     assert cfg.inputs == {"text": params["inputs"]["iemocap"]["text"]} and cfg.seed == 7
+
+
+def stage_names(project: Path) -> set[str]:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    listed = subprocess.run(["dvc", "stage", "list", "--all", "--name-only"], cwd=project, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    return set(listed.stdout.split())
+
+
+def test_stages_follow_the_pipeline_lists_of_params(tmp_path):
+    """dvc.yaml and tuned/dvc.yaml name no dataset or model: a dataset added to (or removed from) params'
+    `pipeline` lists adds (or removes) its stages in both, and nothing else changes."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    pipeline = params["pipeline"]
+    for name in ("dvc.yaml", "tuned/dvc.yaml"):
+        text = (ROOT / name).read_text()
+        named = [n for n in pipeline["datasets"] + pipeline["models"] + pipeline["distilled"]
+                 if re.search(rf"\b{n}\b", text.replace("benchmarks/results", ""))]
+        assert named == [], f"{name} names {named}"
+    project = tmp_path / "p"
+    (project / "tuned").mkdir(parents=True)
+    for name in ("dvc.yaml", "tuned/dvc.yaml"):
+        (project / name).write_text((ROOT / name).read_text())
+    (project / ".dvc").mkdir()
+    (project / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    before = stage_names(project)
+    params["pipeline"]["datasets"] = [d for d in pipeline["datasets"] if d != "mosi"] + ["talk"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    after = stage_names(project)
+    models = pipeline["models"] + pipeline["distilled"]
+    per_dataset = lambda d: ({f"{s}@{d}" for s in ("prepare", "featurize", "teacher")}  # noqa: E731
+                             | {f"train@{d}-{m}" for m in pipeline["models"]}
+                             | {f"train_distilled@{d}-{m}" for m in pipeline["distilled"]}
+                             | {f"tuned/dvc.yaml:{s}@{d}-{m}" for s in ("tune", "train_tuned") for m in pipeline["models"]}
+                             | {f"tuned/dvc.yaml:{s}@{d}-{m}" for s in ("tune_distilled", "train_tuned_distilled")
+                                for m in pipeline["distilled"]})
+    assert after - before == per_dataset("talk") and before - after == per_dataset("mosi")
+    assert len(per_dataset("talk")) == 3 + len(models) * 3
