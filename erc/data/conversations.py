@@ -399,26 +399,20 @@ def build(files: DatasetFiles, options: dict) -> tuple[Prepared, list[str]]:
     return prepared, dialogues
 
 
-def inspect(files: DatasetFiles, options: dict) -> tuple[Prepared | None, list[str], list[Problem]]:
-    """What `build` would produce and every problem found (the table is None when there are problems)."""
-    opts = parse_options(options)
+def order_utterances(rows: list[Row], opts: Options, problems: list[Problem]):
+    """Rows grouped into dialogues and ordered: (ordered dialogue keys, {key: row indices in turn order}).
+
+    A dialogue is in one split (with `dialogue_scope: split` the split is part of its key); dialogues follow the
+    split order, then their key; utterances follow the turn column, else file order."""
     c = opts.columns
     key_columns = [c.dialogue] if isinstance(c.dialogue, str) else list(c.dialogue)
-    problems: list[Problem] = []
-    rows = read_rows(files, opts, problems)
-
-    # Dialogue keys, their splits, and utterance order.
-    key_of_row = []
-    for row in rows:
-        parts = [as_key_part(row, col, problems) for col in key_columns]
-        key_of_row.append(None if None in parts else tuple(parts))
     first_seen: dict[tuple, Row] = {}
     groups: dict[tuple, list[int]] = {}
-    for i, (row, key) in enumerate(zip(rows, key_of_row)):
-        if key is None:
+    for i, row in enumerate(rows):
+        parts = [as_key_part(row, col, problems) for col in key_columns]
+        if None in parts:
             continue
-        if opts.dialogue_scope == "split":
-            key = (row.split, *key)
+        key = (row.split, *parts) if opts.dialogue_scope == "split" else tuple(parts)
         seen = first_seen.setdefault(key, row)
         if seen.split != row.split:
             problems.append(Problem(row.file, row.row, "+".join(key_columns),
@@ -427,64 +421,96 @@ def inspect(files: DatasetFiles, options: dict) -> tuple[Prepared | None, list[s
                                     "the ids restart per split)"))
             continue
         groups.setdefault(key, []).append(i)
-
-    turn_value = [as_number(r, c.turn, problems, what="turn") if c.turn else None for r in rows]
-    ordered_keys = natural_order(list(groups))
     split_rank = {s: i for i, s in enumerate(SPLITS)}
-    ordered_keys.sort(key=lambda k: split_rank[rows[groups[k][0]].split])  # stable: dialogues keep their order
-    order = []  # (row index, dialogue key, turn)
-    for key in ordered_keys:
-        members = groups[key]
-        if c.turn:
-            members = [i for i in members if turn_value[i] is not None]
-            members.sort(key=lambda i: turn_value[i])
+    keys = sorted(natural_order(list(groups)), key=lambda k: split_rank[rows[groups[k][0]].split])  # stable
+    if c.turn:
+        turn = [as_number(r, c.turn, problems, what="turn") for r in rows]
+        for key in keys:
+            members = sorted((i for i in groups[key] if turn[i] is not None), key=lambda i: turn[i])
             for a, b in zip(members, members[1:]):
-                if turn_value[a] == turn_value[b]:
+                if turn[a] == turn[b]:
                     problems.append(Problem(rows[b].file, rows[b].row, c.turn,
                                             f"duplicate turn {rows[b].fields[c.turn]!r} in dialogue {'/'.join(key)} "
                                             f"(also row {rows[a].row})"))
-        order += [(i, key, t) for t, i in enumerate(members)]
+            groups[key] = members
+    return keys, groups
 
-    # Canonical ids: a dialogue's from its first row, checked to stay distinct.
-    dialogue_ids, key_of_id = {}, {}
-    for key in ordered_keys:
+
+def dialogue_ids_of(keys: list[tuple], groups: dict, rows: list[Row], opts: Options) -> dict[tuple, str]:
+    """Each dialogue's canonical id, from `ids.dialogue` filled with its first row, or its key; checked distinct."""
+    ids, key_of_id = {}, {}
+    for key in keys:
         first = rows[groups[key][0]]
         dialogue_id = (fill(opts.ids.dialogue, {**first.fields, "split": first.split}, option="dialogue")
                        if opts.ids.dialogue else "_".join(key))
         if key_of_id.setdefault(dialogue_id, key) != key:
             raise ErcDataError("options", f"ids.dialogue: dialogues {'/'.join(key_of_id[dialogue_id])} and "
                                           f"{'/'.join(key)} both get the id {dialogue_id!r}")
-        dialogue_ids[key] = dialogue_id
+        ids[key] = dialogue_id
+    return ids
 
-    # Canonical fields per utterance.
-    records = []
-    for i, key, turn in order:
-        row = rows[i]
-        dialogue_id = dialogue_ids[key]
-        fields = {**row.fields, "split": row.split, "dialogue_id": dialogue_id, "turn": turn}
-        if c.utterance:
-            utterance_id = as_text(row, c.utterance, problems, what="utterance id", opts=opts)
-        elif opts.ids.utterance:
-            utterance_id = fill(opts.ids.utterance, fields, option="utterance")
-        else:
-            utterance_id = f"{dialogue_id}_{turn}"
-        records.append({
-            "dialogue_id": dialogue_id, "turn": turn, "utterance_id": utterance_id, "split": row.split,
-            "speaker": as_speaker(row, c.speaker, problems, opts) if c.speaker else "",
-            "text": as_text(row, c.text, problems, what="text", opts=opts),
-            "sentiment_score": as_number(row, c.sentiment_score, problems, what="sentiment score")
-            if c.sentiment_score else np.nan,
-        })
-    ordered_rows = [rows[i] for i, _, _ in order]
-    first_of_id: dict[str, Row] = {}
-    for rec, row in zip(records, ordered_rows):
-        seen = first_of_id.setdefault(rec["utterance_id"], row)
-        if seen is not row and rec["utterance_id"] is not None:
-            problems.append(Problem(row.file, row.row, c.utterance or "", f"duplicate utterance id "
-                                                                          f"{rec['utterance_id']!r} (also row {seen.row})"))
 
-    # Labels.
+def media_paths(rows: list[Row], opts: Options, problems: list[Problem]) -> dict[str, list]:
+    """Per modality, each utterance's media file (relative to its data file's folder), checked to exist."""
+    media = {}
+    for modality, column in opts.columns.media.items():
+        paths = []
+        for row in rows:
+            value = as_text(row, column, problems, what=f"{modality} path", opts=opts)
+            path = (row.folder / value) if value else None
+            if path is not None and not path.is_file():
+                problems.append(Problem(row.file, row.row, column, f"{modality} file {str(path)!r} not found"))
+            paths.append(str(path) if path else None)
+        media[modality] = paths
+    return media
+
+
+def carve_validation(table: pd.DataFrame, opts: Options) -> tuple[pd.DataFrame, str]:
+    """Without validation data: whole training dialogues become validation (`valid_from_train`), as for MOSI."""
+    train = sorted(table.loc[table["split"] == "train", "dialogue_id"].unique())
+    carved = validation_dialogues(train, opts.valid_from_train.fraction, opts.valid_from_train.seed)
+    table.loc[table["dialogue_id"].isin(carved), "split"] = "valid"
+    table = table.iloc[np.argsort(table["split"].map({s: i for i, s in enumerate(SPLITS)}).to_numpy(), kind="stable")]
+    return table, (f"validation: {len(carved)} of {len(train)} training dialogues chosen by sha256('<seed>:<dialogue>'),"
+                   f" fraction={opts.valid_from_train.fraction}, seed={opts.valid_from_train.seed}")
+
+
+def inspect(files: DatasetFiles, options: dict) -> tuple[Prepared | None, list[str], list[Problem]]:
+    """What `build` would produce and every problem found (the table is None when there are problems)."""
+    opts = parse_options(options)
+    c = opts.columns
+    problems: list[Problem] = []
+    rows = read_rows(files, opts, problems)
+    keys, groups = order_utterances(rows, opts, problems)
+    dialogue_ids = dialogue_ids_of(keys, groups, rows, opts)
+
+    # Canonical fields per utterance, in order.
+    records, ordered_rows, first_of_id = [], [], {}
+    for key in keys:
+        for turn, i in enumerate(groups[key]):
+            row = rows[i]
+            dialogue_id = dialogue_ids[key]
+            fields = {**row.fields, "split": row.split, "dialogue_id": dialogue_id, "turn": turn}
+            if c.utterance:
+                utterance_id = as_text(row, c.utterance, problems, what="utterance id", opts=opts)
+            else:
+                utterance_id = fill(opts.ids.utterance or "{dialogue_id}_{turn}", fields, option="utterance")
+            seen = first_of_id.setdefault(utterance_id, row)
+            if seen is not row and utterance_id is not None:
+                problems.append(Problem(row.file, row.row, c.utterance or "", f"duplicate utterance id "
+                                                                              f"{utterance_id!r} (also row {seen.row})"))
+            records.append({
+                "dialogue_id": dialogue_id, "turn": turn, "utterance_id": utterance_id, "split": row.split,
+                "speaker": as_speaker(row, c.speaker, problems, opts) if c.speaker else "",
+                "text": as_text(row, c.text, problems, what="text", opts=opts),
+                "sentiment_score": as_number(row, c.sentiment_score, problems, what="sentiment score")
+                if c.sentiment_score else np.nan,
+            })
+            ordered_rows.append(row)
+
+    # Labels: mapped and checked per task; a sentiment from the score's sign when there is no sentiment column.
     label_names = {}
+    notes = [f"read by the generic conversation adapter (erc.data.conversations) from {len(rows)} rows"]
     for task in TASKS:
         column = getattr(c, task)
         if not column:
@@ -493,47 +519,26 @@ def inspect(files: DatasetFiles, options: dict) -> tuple[Prepared | None, list[s
         label_names[task], names = labels_of(task, raw, ordered_rows, column, opts, problems)
         for rec, name in zip(records, names):
             rec[task] = name
+        if task not in opts.labels:
+            notes.append(f"{task} labels: those seen in train, sorted")
     if not c.sentiment and c.sentiment_score:
         label_names["sentiment"] = SCORE_SENTIMENTS
         for rec in records:
             score = rec["sentiment_score"]
             rec["sentiment"] = None if score is None or np.isnan(score) else SCORE_SENTIMENTS[int(score >= 0)]
-
-    # Media paths, relative to the data file's folder.
-    media = {}
-    for modality, column in c.media.items():
-        paths = []
-        for row in ordered_rows:
-            value = as_text(row, column, problems, what=f"{modality} path", opts=opts)
-            path = (row.folder / value) if value else None
-            if path is not None and not path.is_file():
-                problems.append(Problem(row.file, row.row, column, f"{modality} file {str(path)!r} not found"))
-            paths.append(str(path) if path else None)
-        media[modality] = paths
-
-    notes = [f"read by the generic conversation adapter (erc.data.conversations) from {len(rows)} rows"]
-    for task in TASKS:
-        if getattr(c, task) and task not in opts.labels:
-            notes.append(f"{task} labels: those seen in train, sorted")
-    if not c.sentiment and c.sentiment_score:
         notes.append("sentiment labels: negative/positive by the sign of the score (positive iff >= 0)")
+    media = media_paths(ordered_rows, opts, problems)
     if problems:
         return None, [], problems
+
     table = pd.DataFrame(records)
     if "valid" not in set(table["split"]):
-        train_dialogues = sorted(table.loc[table["split"] == "train", "dialogue_id"].unique())
-        carved = validation_dialogues(train_dialogues, opts.valid_from_train.fraction, opts.valid_from_train.seed)
-        table.loc[table["dialogue_id"].isin(carved), "split"] = "valid"
-        table = table.iloc[np.argsort(table["split"].map(split_rank).to_numpy(), kind="stable")]
-        notes.append(f"validation: {len(carved)} of {len(train_dialogues)} training dialogues chosen by "
-                     f"sha256('<seed>:<dialogue>'), fraction={opts.valid_from_train.fraction}, "
-                     f"seed={opts.valid_from_train.seed}")
-    for task in TASKS:
-        names = label_names.get(task, [])
-        if names:
-            table[f"{task}_id"] = table[task].map({n: i for i, n in enumerate(names)}).astype(np.int16)
+        table, note = carve_validation(table, opts)
+        notes.append(note)
+    for task, names in label_names.items():
+        table[f"{task}_id"] = table[task].map({n: i for i, n in enumerate(names)}).astype(np.int16)
     meta = {
-        "dataset": "conversations",  # the params name replaces it (pipelines/prepare.py)
+        "dataset": "conversations",  # the params name replaces it (erc.data.build_dataset)
         "target": opts.target,
         "emotion_labels": label_names.get("emotion", []),
         "sentiment_labels": label_names.get("sentiment", []),
