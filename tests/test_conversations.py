@@ -414,3 +414,15 @@ def test_a_new_corpus_is_a_params_entry_through_dvc_repro(tmp_path):
     assert prepared.meta["emotion_labels"] == ["neutral", "joy", "anger", "fear", "sadness"]
     again = subprocess.run(["dvc", "repro"], cwd=clone, env=env, check=True, capture_output=True, text=True)
     assert "Running stage" not in again.stdout
+
+    # A second corpus, again by params alone: only its own stages and the leaderboard are out of date.
+    params["datasets"]["chat"] = entry
+    params["inputs"]["chat"] = example["inputs"]["friends"]
+    params["pipeline"]["datasets"].append("chat")
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = subprocess.run(["dvc", "status", "--json", "dvc.yaml"], cwd=clone, env=env, check=True,
+                            capture_output=True, text=True)
+    stale = set(json.loads(status.stdout))
+    assert stale == {"prepare@chat", "featurize@chat", "teacher@chat", "leaderboard",
+                     *(f"train@chat-{m}" for m in params["pipeline"]["models"]),
+                     *(f"train_distilled@chat-{m}" for m in params["pipeline"]["distilled"])}, stale

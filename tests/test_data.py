@@ -302,7 +302,6 @@ def test_readers_accept_good_files(tmp_path):
     path.write_text("1,2.5\n3,4\n")
     matrix = readers.read_matrix_csv(path, columns=2)
     assert matrix.dtype == np.float32 and matrix.tolist() == [[1.0, 2.5], [3.0, 4.0]]
-    assert readers.label_ids(pd.Series(["b", "a", "b"]), ["a", "b"], source="s").tolist() == [1, 0, 1]
 
 
 # ----------------------------------------------------------------------------------------------- MELD
