@@ -16,6 +16,7 @@ import mlflow
 import pandas as pd
 
 from erc import leaderboard
+from erc.errors import ErcDataError
 from erc.io import atomic_path, write_json
 from erc.params import load_params, stage_main
 from erc.tracking import tracking_uri
@@ -31,8 +32,10 @@ def main():
     args = parser.parse_args()
 
     pipeline = load_params(args.params).get("pipeline") or {}
-    files, skipped = leaderboard.run_files(args.runs, pipeline.get("datasets") or [],
-                                           (pipeline.get("models") or []) + (pipeline.get("distilled") or []))
+    datasets, models = pipeline.get("datasets") or [], (pipeline.get("models") or []) + (pipeline.get("distilled") or [])
+    if not (datasets and models) and any(Path(p).is_dir() for p in args.runs):
+        raise ErcDataError(args.params, "pipeline: no datasets or no models listed, so no run lists to collect")
+    files, skipped = leaderboard.run_files(args.runs, datasets, models)
     for path in skipped:
         print(f"leaderboard: skipping {path} (not in params' pipeline lists)", file=sys.stderr)
     client = mlflow.MlflowClient(tracking_uri())
