@@ -108,6 +108,44 @@ def model_settings(model: str, values: dict, *, source) -> dict:
     return checked(model_schema(model), values, source=source, key=f"models.{model}")
 
 
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherParams(_Section):
+    """`teacher`: SUMMER's frozen unimodal teacher."""
+
+    model: str = "baseline"
+    modality: Literal["text", "audio", "video"] = "text"
+    seed: int = Field(0, ge=0)
+
+
+class TuneParams(_Section):
+    """`tune`: a Ray Tune search (the space itself is checked by erc.tune.space_for)."""
+
+    trials: int = Field(20, ge=1)
+    cpus_per_trial: Annotated[int | float, Field(gt=0)] = 1
+    max_concurrent: Annotated[int, Field(ge=1)] | None = None
+    grace_period: int = Field(3, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    seed: int = 0
+    storage_path: str = "ray_results/tune"
+    space: dict = {}
+
+
+def teacher_settings(params: dict, *, source) -> TeacherParams:
+    from erc.models import MODELS
+
+    teacher = check(TeacherParams, params.get("teacher") or {}, source=source, prefix="teacher")
+    if teacher.model not in MODELS:
+        raise ErcDataError(source, f"teacher.model: unknown model {teacher.model!r}; registered: {sorted(MODELS)}")
+    return teacher
+
+
+def tune_settings(params: dict, *, source) -> TuneParams:
+    return check(TuneParams, params.get("tune") or {}, source=source, prefix="tune")
+
+
 def needs_teacher(model: str) -> bool:
     """A distilled model: it learns from a frozen teacher's checkpoint (SUMMER)."""
     from erc.models import MODELS

@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from erc.config import check_teacher
+from erc.config import check_teacher, tune_settings
 from erc.params import load_params, stage_main
 from erc.train import configs_from_params, init_ray, resolve_locations
 from erc.tune import SearchInterrupted, default_name, search, space_for, write_best
@@ -35,7 +35,7 @@ def main():
 
     check_teacher(args.model, args.teacher)
     params = load_params(args.params, args.set)
-    tune = params.get("tune") or {}
+    tune = tune_settings(params, source=args.params)
     space = space_for(params, args.model, source=args.params)
     overrides = {"teacher_checkpoint": str(Path(args.teacher).resolve())} if args.teacher else None
     (base,) = configs_from_params(params, args.dataset, args.model, source=args.params,
@@ -43,12 +43,11 @@ def main():
     resolve_locations(base)
     init_ray()
     try:
-        best = search(base, space, trials=args.trials or tune.get("trials", 20),
-                      storage_path=tune.get("storage_path", "ray_results/tune"),
+        best = search(base, space, trials=args.trials or tune.trials, storage_path=tune.storage_path,
                       name=args.name or default_name(args.dataset, args.model),
-                      cpus_per_trial=tune.get("cpus_per_trial", 1), max_concurrent=tune.get("max_concurrent"),
-                      grace_period=tune.get("grace_period", 3),
-                      reduction_factor=tune.get("reduction_factor", 2), seed=tune.get("seed", 0), resume=args.resume)
+                      cpus_per_trial=tune.cpus_per_trial, max_concurrent=tune.max_concurrent,
+                      grace_period=tune.grace_period, reduction_factor=tune.reduction_factor, seed=tune.seed,
+                      resume=args.resume)
     except SearchInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         sys.exit(130)

@@ -77,6 +77,23 @@ def test_the_shipped_params_pass_for_every_pipeline_pair():
             assert [r.seed for r in runs] == PARAMS["train"]["seeds"]
 
 
+@pytest.mark.parametrize("section, values, read, message", [
+    ("teacher", {"modality": "smell"}, config.teacher_settings, "teacher.modality: input should be 'text', 'audio'"),
+    ("teacher", {"model": "bert"}, config.teacher_settings, "teacher.model: unknown model 'bert'"),
+    ("teacher", {"seed": -2}, config.teacher_settings, "teacher.seed: input should be greater than or equal to 0"),
+    ("tune", {"trials": 0}, config.tune_settings, "tune.trials: input should be greater than or equal to 1"),
+    ("tune", {"cpus_per_trial": "two"}, config.tune_settings, "tune.cpus_per_trial: "),
+    ("tune", {"grace": 3}, config.tune_settings, "tune.grace: unknown key"),
+])
+def test_teacher_and_tune_sections_are_checked(section, values, read, message):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert read(params, source="p.yaml") is not None  # the shipped values pass
+    params[section].update(values)
+    with pytest.raises(ErcDataError) as e:
+        read(params, source="p.yaml")
+    assert str(e.value).startswith(f"p.yaml: {message}"), str(e.value)
+
+
 def test_distilled_models_need_their_teacher_and_the_others_refuse_one():
     assert config.needs_teacher("summer") and not config.needs_teacher("baseline")
     with pytest.raises(ErcDataError, match="^command line: --teacher: summer distils from a frozen teacher"):
