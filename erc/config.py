@@ -98,6 +98,12 @@ def train_settings(params: dict, dataset: str, model: str, *, source) -> dict:
     return settings
 
 
+def inputs_of(params: dict, dataset: str, *, source) -> dict[str, str]:
+    """`inputs.<dataset>`: modality -> feature set name."""
+    schema = Annotated[dict[Literal["text", "audio", "video"], str], Field(min_length=1)]
+    return check(schema, params["inputs"][dataset], source=source, prefix=f"inputs.{dataset}")
+
+
 def seeds_of(params: dict, *, source) -> list[int]:
     seeds = (params.get("train") or {}).get("seeds")
     return check(Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)], seeds, source=source,

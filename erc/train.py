@@ -93,7 +93,7 @@ def configs_from_params(params: dict, dataset: str, model: str, *, source="param
         raise ErcDataError(source, f"unknown model {model!r}; registered: {sorted(MODELS)}")
     if dataset not in params.get("inputs", {}):
         raise ErcDataError(source, f"no inputs.{dataset} entry (which feature set feeds which modality)")
-    inputs = dict(params["inputs"][dataset])
+    inputs = config.inputs_of(params, dataset, source=source)
     if modalities is not None:
         missing = set(modalities) - set(inputs)
         if missing:

@@ -5,6 +5,7 @@ folder of their own, and check that a bad invocation ends before either is touch
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,18 @@ def test_model_params_are_checked_against_the_model_config_types(model, values, 
     params["models"][model] = {**(params["models"].get(model) or {}), **values}
     with pytest.raises(ErcDataError, match=f"^params.yaml: {key}: .*{fragment}"):
         configs_from_params(params, "meld", model)
+
+
+@pytest.mark.parametrize("inputs, fragment", [
+    ("minilm", "inputs.meld: input should be a valid dictionary"),
+    ({"txt": "minilm"}, "inputs.meld.txt"),
+    ({}, "inputs.meld: dictionary should have at least 1 item"),
+])
+def test_inputs_are_a_modality_to_feature_set_mapping(inputs, fragment):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["inputs"]["meld"] = inputs
+    with pytest.raises(ErcDataError, match=f"^params.yaml: {re.escape(fragment)}"):
+        configs_from_params(params, "meld", "baseline")
 
 
 def test_values_given_as_text_are_converted():
