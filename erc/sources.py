@@ -132,6 +132,8 @@ class DatasetFiles:
         e = self._entry(name)
         if "path" in e:
             return local_file(e["path"], e.get("sha256"))
+        if not isinstance(e.get("url"), str) or not isinstance(e.get("sha256"), str):
+            raise ErcDataError("files", f"{name}: an entry is {{url, sha256}} or {{path, sha256}}, got {e!r}")
         return fetch(FileSpec(e["url"], e["sha256"]), self.cache)
 
     def tree(self, name: str, relpaths: list[str]) -> dict[str, Path]:

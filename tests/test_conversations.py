@@ -314,7 +314,13 @@ def test_files_need_their_sha256_and_split_names(tmp_path):
     files["train"]["sha256"] = "0" * 64
     with pytest.raises(ErcDataError, match="checksum mismatch"):
         conversations.build(DatasetFiles(files), {"columns": COLUMNS})
-    files["train"]["sha256"], files["dev"] = digest, files["test"]
+    files["train"]["sha256"], files["test"] = digest, {"sha256": digest}
+    params = {"datasets": {"talk": {"adapter": "conversations", "files": files, "options": {"columns": COLUMNS}}}}
+    with pytest.raises(ErcDataError) as e:
+        build_dataset(params, "talk", source="p.yaml")
+    one_line(e.value, "p.yaml", "datasets.talk.files.test: an entry is {url, sha256} or {path, sha256}")
+    files["test"] = files["train"]
+    files["dev"] = files["train"]
     params = {"datasets": {"talk": {"adapter": "conversations", "files": files, "options": {"columns": COLUMNS}}}}
     with pytest.raises(ErcDataError) as e:
         build_dataset(params, "talk", source="p.yaml")
