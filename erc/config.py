@@ -163,10 +163,11 @@ def check_teacher(model: str, teacher: str | None, *, source="command line") -> 
     """A distilled model needs `--teacher`; any other refuses one (it would be ignored)."""
     if needs_teacher(model) and not teacher:
         raise ErcDataError(source, f"--teacher: {model} distils from a frozen teacher: pass --teacher "
-                                   "runs/teacher/<dataset> (stage teacher@<dataset>); without one it would train "
-                                   "with no distillation at all")
+                                   "runs/teacher/<dataset> (stage teacher@<dataset>; in params it belongs in "
+                                   "pipeline.distilled); without one it would train with no distillation at all")
     if teacher and not needs_teacher(model):
-        raise ErcDataError(source, f"--teacher: {model} has no teacher (only distilled models take one)")
+        raise ErcDataError(source, f"--teacher: {model} has no teacher (only distilled models take one; in params "
+                                   "it belongs in pipeline.models)")
 
 
 def check_inputs(cfg) -> None:
