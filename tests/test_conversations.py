@@ -305,6 +305,18 @@ def test_bad_options_name_the_params_key(tmp_path, options, key):
     one_line(e.value, "p.yaml", f"datasets.talk.options.{key}")
 
 
+def test_train_and_test_are_needed(tmp_path):
+    files = corpus(tmp_path, train_csv=TRAIN, test_csv=HEADER)
+    with pytest.raises(ErcDataError) as e:
+        conversations.build(DatasetFiles(files), {"columns": COLUMNS})
+    one_line(e.value, files["test"]["path"], "no test utterances")
+    params = {"datasets": {"talk": {"adapter": "conversations", "files": {"train": files["train"]},
+                                    "options": {"columns": COLUMNS}}}}
+    with pytest.raises(ErcDataError) as e:
+        build_dataset(params, "talk", source="p.yaml")
+    one_line(e.value, "p.yaml", "datasets.talk.files.test: missing (train and test are needed")
+
+
 def test_files_need_their_sha256_and_split_names(tmp_path):
     files = corpus(tmp_path, train_csv=TRAIN, test_csv=TEST)
     digest = files["train"].pop("sha256")

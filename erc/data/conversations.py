@@ -235,9 +235,13 @@ def read_rows(files: DatasetFiles, opts: Options, problems: list[Problem]) -> li
         if unknown:
             raise ErcDataError("files", f"{unknown[0]}: not a split name ({', '.join(SPLITS)}); or give one file and "
                                         "options.split_column")
-    rows = []
+        for needed in ("train", "test"):
+            if needed not in names:
+                raise ErcDataError("files", f"{needed}: missing (train and test are needed; valid is carved from "
+                                            "train when absent)")
+    rows, paths = [], {}
     for name in names:
-        path = files.path(name)
+        path = paths[name] = files.path(name)
         for number, fields in read_table(path, file_format(path, opts), opts):
             if "__problem__" in fields:
                 problems.append(Problem(str(path), number, *fields["__problem__"]))
@@ -256,8 +260,9 @@ def read_rows(files: DatasetFiles, opts: Options, problems: list[Problem]) -> li
     present = {r.split for r in rows}
     for needed in ("train", "test"):
         if needed not in present and not problems:
-            raise ErcDataError("files", f"no {needed} utterances (train and test are needed; valid is carved from "
-                                        "train when absent)")
+            path = paths[names[0]] if opts.split_column else paths[needed]
+            raise ErcDataError(path, f"no {needed} utterances" + (f" (column {opts.split_column}, options.split_values)"
+                                                                   if opts.split_column else ""))
     return rows
 
 
