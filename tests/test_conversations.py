@@ -69,8 +69,8 @@ def one_line(error: ErcDataError, path, fragment: str) -> str:
 
 
 def test_csv_per_split_order_turns_ids_and_labels_from_train(tmp_path):
-    files = corpus(tmp_path, train_csv=TRAIN, valid_csv=HEADER + "3,0,Di,Hm,joy\n", test_csv=TEST)
-    prep = build(files, columns=COLUMNS)
+    files = corpus(tmp_path, train_csv="\ufeff" + TRAIN, valid_csv=HEADER + "3,0,Di,Hm,joy\n", test_csv=TEST)
+    prep = build(files, columns=COLUMNS)  # the train file starts with a byte-order mark, as spreadsheets write
     t = prep.table
     # Dialogues by key as numbers (1, 2, 10), turns by the turn column (5 after 2), made ids <dialogue>_<turn>.
     assert t["utterance_id"].tolist() == ["1_0", "1_1", "2_0", "2_1", "10_0", "3_0", "7_0", "7_1"]

@@ -178,7 +178,7 @@ def read_table(path: Path, fmt: str, opts: Options) -> list[tuple[int, dict]]:
         if fmt == "parquet":
             df = pd.read_parquet(path)
             return check_header(path, df, opts, [(i + 1, r) for i, r in enumerate(df.to_dict("records"))])
-        text = decode(path.read_bytes())
+        text = decode(path.read_bytes()).removeprefix("\ufeff")  # a byte-order mark (spreadsheet exports)
     except (OSError, ValueError) as e:
         raise ErcDataError(path, f"unreadable {fmt} ({str(e).splitlines()[0]})") from None
     if fmt == "jsonl":
