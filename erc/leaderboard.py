@@ -28,6 +28,25 @@ ALPHA = 0.05
 MAIN_VARIANT = "tuned"  # the default leaderboard; every other variant is a second view below it
 
 
+def run_files(paths, datasets: list[str], models: list[str]) -> tuple[list[Path], list[Path]]:
+    """The train stages' run lists: files as given, and from each folder `<folder>/<dataset>/<model>.json` for every
+    dataset and model of the pipeline's lists (each must be there). Returns (taken, skipped): a folder's other files
+    (a dataset since removed from params) are skipped, not shown."""
+    taken, skipped = [], []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            taken.append(path)
+            continue
+        expected = [path / d / f"{m}.json" for d in datasets for m in models]
+        missing = [p for p in expected if not p.is_file()]
+        if missing:
+            raise ErcDataError(path, f"no run list {missing[0].relative_to(path)} ({len(missing)} of {len(expected)} "
+                                     "missing): run its train stage first")
+        taken += expected
+        skipped += sorted(p for p in path.glob("*/*.json") if p not in expected)
+    return taken, skipped
+
+
 def run_ids_from(files) -> list[str]:
     ids = []
     for f in files:

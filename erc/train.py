@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from erc import config
 from erc.data import canonical
 from erc.data.dialogues import IGNORE, DialogueData, deal, feature_stats, split_data
 from erc.errors import ErcDataError
@@ -123,35 +124,24 @@ def configs_from_params(params: dict, dataset: str, model: str, *, source="param
         raise ErcDataError(source, f"unknown model {model!r}; registered: {sorted(MODELS)}")
     if dataset not in params.get("inputs", {}):
         raise ErcDataError(source, f"no inputs.{dataset} entry (which feature set feeds which modality)")
-    inputs = dict(params["inputs"][dataset])
+    inputs = config.inputs_of(params, dataset, source=source)
     if modalities is not None:
         missing = set(modalities) - set(inputs)
         if missing:
             raise ErcDataError(source, f"inputs.{dataset} has no {sorted(missing)} modality")
         inputs = {m: inputs[m] for m in modalities}
-    train = params["train"]
-    per_model = dict((train.get("per_model") or {}).get(model) or {})
-    per_model_dataset = (per_model.pop("per_dataset", None) or {}).get(dataset, {})
-    for where, overrides in ((f"train.per_model.{model}", per_model),
-                             (f"train.per_model.{model}.per_dataset.{dataset}", per_model_dataset)):
-        if "class_weights" in (overrides or {}):
-            raise ErcDataError(source, f"{where}.class_weights: class weights are a dataset's policy for every model "
-                                       f"alike: set train.class_weights or train.per_dataset.{dataset}.class_weights")
-    shared = {k: v for k, v in train.items() if k not in ("seeds", "per_dataset", "per_model")}
-    for overrides in (per_model, (train.get("per_dataset") or {}).get(dataset, {}), per_model_dataset):
-        shared.update(overrides or {})
+    shared = config.train_settings(params, dataset, model, source=source)  # typed and range-checked
     model_params = dict(params.get("models", {}).get(model) or {})
-    model_dataset = (model_params.pop("per_dataset", None) or {}).get(dataset) or {}
-    model_config = {**model_params, **model_dataset, **(model_overrides or {})}
-    try:
-        MODELS[model].Config(**model_config)
-        data = params.get("data_dir", "data")  # a shared path on a cluster, so that every node sees it
-        return [TrainConfig(dataset=dataset, prepared=f"{data}/prepared/{dataset}",
-                            feature_dirs=[f"{data}/features/{dataset}"], inputs=inputs, model=model,
-                            model_config=model_config, seed=seed, **shared)
-                for seed in (seeds if seeds is not None else train["seeds"])]
-    except TypeError as e:  # an unknown key in train or models.<model>
-        raise ErcDataError(source, f"bad train/models.{model} params ({e})") from None
+    model_dataset = (model_params.pop("per_dataset", None) or {}).get(dataset) or {}  # a paper's per-dataset values
+    model_config = config.model_settings(model, {**model_params, **model_dataset, **(model_overrides or {})},
+                                         source=source)
+    data = params.get("data_dir", "data")  # a shared path on a cluster, so that every node sees it
+    if not isinstance(data, str) or not data:
+        raise ErcDataError(source, f"data_dir: a folder expected, got {data!r}")
+    return [TrainConfig(dataset=dataset, prepared=f"{data}/prepared/{dataset}",
+                        feature_dirs=[f"{data}/features/{dataset}"], inputs=inputs, model=model,
+                        model_config=model_config, seed=seed, **shared)
+            for seed in (seeds if seeds is not None else config.seeds_of(params, source=source))]
 
 
 @dataclass
@@ -658,9 +648,11 @@ def fit(runs: list[TrainConfig], callbacks=(), evaluate_test: bool = True):
 
 
 def resolve_locations(cfg: TrainConfig) -> None:
-    """Absolute data paths (workers do not share the driver's working directory) and the tracking URI."""
+    """Absolute data paths (workers do not share the driver's working directory), checked to exist, and the
+    tracking URI. Runs in the driver before Ray or MLflow start: a missing input is one line, never a worker's."""
     from erc import tracking
 
+    config.check_inputs(cfg)
     cfg.tracking_uri = cfg.tracking_uri or tracking.tracking_uri()
     cfg.prepared = str(Path(cfg.prepared).resolve())
     cfg.feature_dirs = [str(Path(d).resolve()) for d in cfg.feature_dirs]

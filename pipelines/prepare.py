@@ -1,15 +1,16 @@
-"""Stage `prepare@<dataset>`: the dataset's public files -> its canonical directory.
+"""Stage `prepare@<dataset>`: the dataset's files -> its canonical directory.
 
     python pipelines/prepare.py mosi --out data/prepared/mosi
+
+`erc check-data <dataset>` shows what this would write, and every problem, without writing anything.
 """
 
 import argparse
 
-from erc.data import ADAPTERS
+from erc.data import build_dataset
 from erc.data.canonical import counts, save
 from erc.leakage import probe_features
 from erc.params import load_params, stage_main
-from erc.sources import DatasetFiles
 
 
 @stage_main
@@ -21,8 +22,7 @@ def main():
     args = parser.parse_args()
 
     params = load_params(args.params)
-    entry = params["datasets"][args.dataset]
-    prepared, dialogues = ADAPTERS[entry["adapter"]](DatasetFiles(entry["files"]), entry.get("options") or {})
+    prepared, dialogues = build_dataset(params, args.dataset, source=args.params)
     probe_features(args.dataset, prepared.table, prepared.features, prepared.meta, max_gap=params["leakage"]["max_gap"])
     save(prepared, args.out, expected_dialogues=dialogues)
     for split, c in counts(prepared.table).items():

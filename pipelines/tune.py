@@ -13,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from erc.config import check_teacher, tune_settings
 from erc.params import load_params, stage_main
 from erc.train import configs_from_params, init_ray, resolve_locations
 from erc.tune import SearchInterrupted, default_name, discard, search, space_for, write_best
@@ -34,25 +35,24 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     args = parser.parse_args()
 
+    check_teacher(args.model, args.teacher)
     params = load_params(args.params, args.set)
-    tune = params.get("tune") or {}
+    tune = tune_settings(params, source=args.params)
     space = space_for(params, args.model, source=args.params)
     overrides = {"teacher_checkpoint": str(Path(args.teacher).resolve())} if args.teacher else None
     (base,) = configs_from_params(params, args.dataset, args.model, source=args.params,
                                   seeds=params["train"]["seeds"][:1], model_overrides=overrides)
-    base.epochs = tune.get("epochs") or base.epochs
+    base.epochs = tune.epochs or base.epochs
     resolve_locations(base)
     name = args.name or default_name(args.dataset, args.model)
     if args.replace and not args.resume:
-        discard(tune.get("storage_path", "ray_results/tune"), name)
+        discard(tune.storage_path, name)
     init_ray()
     try:
-        best = search(base, space, trials=args.trials or tune.get("trials", 20),
-                      storage_path=tune.get("storage_path", "ray_results/tune"),
-                      name=name,
-                      cpus_per_trial=tune.get("cpus_per_trial", 1), max_concurrent=tune.get("max_concurrent"),
-                      grace_period=tune.get("grace_period", 3),
-                      reduction_factor=tune.get("reduction_factor", 2), seed=tune.get("seed", 0), resume=args.resume)
+        best = search(base, space, trials=args.trials or tune.trials, storage_path=tune.storage_path, name=name,
+                      cpus_per_trial=tune.cpus_per_trial, max_concurrent=tune.max_concurrent,
+                      grace_period=tune.grace_period, reduction_factor=tune.reduction_factor, seed=tune.seed,
+                      resume=args.resume)
     except SearchInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         sys.exit(130)

@@ -108,6 +108,18 @@ def row(board, dataset, model, variant="tuned"):
     return found.iloc[0]
 
 
+def test_run_files_of_a_folder_follow_the_pipeline_lists(tmp_path):
+    for dataset, model in [("a", "m1"), ("a", "m2"), ("b", "m1"), ("b", "m2"), ("gone", "m1")]:
+        (tmp_path / "runs" / dataset).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "runs" / dataset / f"{model}.json").write_text("{}")
+    extra = tmp_path / "extra.json"
+    taken, skipped = leaderboard.run_files([tmp_path / "runs", extra], ["a", "b"], ["m1", "m2"])
+    assert taken == [tmp_path / "runs" / d / f"{m}.json" for d in "ab" for m in ("m1", "m2")] + [extra]
+    assert skipped == [tmp_path / "runs" / "gone" / "m1.json"]  # a dataset since removed from params
+    with pytest.raises(ErcDataError, match=r"runs: no run list c/m1.json \(2 of 6 missing\)"):
+        leaderboard.run_files([tmp_path / "runs"], ["a", "b", "c"], ["m1", "m2"])
+
+
 def test_run_ids_from_train_stage_files(store, tmp_path):
     ids = leaderboard.run_ids_from(store["files"])
     assert len(ids) == 10 and len(set(ids)) == 10

@@ -1,5 +1,7 @@
 """Stage programs on bad params: exit 1 with one line naming the params file, before any work starts."""
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +23,8 @@ def run_train(tmp_path, params: dict, model="baseline", dataset="meld"):
 @pytest.mark.parametrize("change, model, dataset, fragment", [
     (lambda p: None, "no_such_model", "meld", "unknown model 'no_such_model'"),
     (lambda p: None, "baseline", "no_such_dataset", "no inputs.no_such_dataset entry"),
-    (lambda p: p["models"]["baseline"].update(hiddn=3), "baseline", "meld", "unexpected keyword argument 'hiddn'"),
-    (lambda p: p["train"].update(learning_rate=3), "baseline", "meld", "unexpected keyword argument 'learning_rate'"),
+    (lambda p: p["models"]["baseline"].update(hiddn=3), "baseline", "meld", "models.baseline.hiddn: unknown key"),
+    (lambda p: p["train"].update(learning_rate=3), "baseline", "meld", "train.learning_rate: unknown key"),
 ])
 def test_train_stage_rejects_bad_params(tmp_path, change, model, dataset, fragment):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -111,3 +113,43 @@ def test_the_class_weight_policy_reaches_every_model_alike(tiny_emotion):
         spec("sdt_iemocap")  # IEMOCAP's six labels, not the fixture's three
     with pytest.raises(ErcDataError, match="not none, balanced"):
         spec("balnced")
+
+
+def stage_names(project: Path) -> set[str]:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    listed = subprocess.run(["dvc", "stage", "list", "--all", "--name-only"], cwd=project, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    return set(listed.stdout.split())
+
+
+def test_stages_follow_the_pipeline_lists_of_params(tmp_path):
+    """dvc.yaml and tuned/dvc.yaml name no dataset or model: a dataset added to (or removed from) params'
+    `pipeline` lists adds (or removes) its stages in both, and nothing else changes."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    pipeline = params["pipeline"]
+    for name in ("dvc.yaml", "tuned/dvc.yaml"):
+        text = (ROOT / name).read_text()
+        named = [n for n in pipeline["datasets"] + pipeline["models"] + pipeline["distilled"]
+                 if re.search(rf"\b{n}\b", text.replace("benchmarks/results", ""))]
+        assert named == [], f"{name} names {named}"
+    project = tmp_path / "p"
+    (project / "tuned").mkdir(parents=True)
+    for name in ("dvc.yaml", "tuned/dvc.yaml"):
+        (project / name).write_text((ROOT / name).read_text())
+    (project / ".dvc").mkdir()
+    (project / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    before = stage_names(project)
+    params["pipeline"]["datasets"] = [d for d in pipeline["datasets"] if d != "mosi"] + ["talk"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    after = stage_names(project)
+    models = pipeline["models"] + pipeline["distilled"]
+    per_dataset = lambda d: ({f"{s}@{d}" for s in ("prepare", "featurize", "teacher")}  # noqa: E731
+                             | {f"train@{d}-{m}" for m in pipeline["models"]}
+                             | {f"train_distilled@{d}-{m}" for m in pipeline["distilled"]}
+                             | {f"tuned/dvc.yaml:{s}@{d}-{m}" for s in ("tune", "train_tuned") for m in pipeline["models"]}
+                             | {f"tuned/dvc.yaml:{s}@{d}-{m}" for s in ("tune_distilled", "train_tuned_distilled")
+                                for m in pipeline["distilled"]})
+    assert after - before == per_dataset("talk") and before - after == per_dataset("mosi")
+    assert len(per_dataset("talk")) == 3 + len(models) * 3

@@ -13,13 +13,11 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import h5py
 import numpy as np
 import pandas as pd
 
-from erc.data.canonical import FeatureSet, Prepared, make_table
+from erc.data.canonical import FeatureSet, Prepared, make_table, validation_dialogues
 from erc.data.readers import read_csv, read_matrix_csv
 from erc.errors import ErcDataError
 from erc.sources import DatasetFiles
@@ -48,11 +46,6 @@ def read_scores(path) -> dict[str, float]:
     except (OSError, KeyError) as e:
         raise ErcDataError(path, f"not a MOSI opinion-label computational sequence ({e})") from None
     return scores
-
-
-def validation_videos(videos, fraction: float, seed: int) -> set[str]:
-    ranked = sorted(videos, key=lambda v: hashlib.sha256(f"{seed}:{v}".encode()).hexdigest())
-    return set(ranked[: round(fraction * len(ranked))])
 
 
 def build(files: DatasetFiles, options: dict) -> tuple[Prepared, list[str]]:
@@ -86,7 +79,7 @@ def build(files: DatasetFiles, options: dict) -> tuple[Prepared, list[str]]:
 
     table["dialogue_id"] = table["utterance_id"].str.rsplit("_", n=1).str[0]
     table["k"] = table["utterance_id"].str.rsplit("_", n=1).str[1].astype(int)
-    valid = validation_videos(sorted(table.loc[table["split"] == "train", "dialogue_id"].unique()),
+    valid = validation_dialogues(sorted(table.loc[table["split"] == "train", "dialogue_id"].unique()),
                               options.get("valid_fraction", 0.15), options.get("valid_seed", 0))
     table.loc[table["dialogue_id"].isin(valid), "split"] = "valid"
     table["sentiment_score"] = table["utterance_id"].map(scores)
