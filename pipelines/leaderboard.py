@@ -1,7 +1,7 @@
 """Stage `leaderboard`: the train stages' MLflow runs -> reports/leaderboard.{csv,md}, DVC metrics and plots.
 
-    python pipelines/leaderboard.py runs/default --out reports
-    python pipelines/leaderboard.py runs/default runs/tuned --out reports/tuned
+    python pipelines/leaderboard.py runs/tuned --out reports
+    python pipelines/leaderboard.py runs/default --out reports/untuned
 
 A folder holds a train stage's run list per dataset and model, `<folder>/<dataset>/<model>.json`; the datasets and
 models are params' `pipeline` lists. Run-list files may also be named one by one.

@@ -1,6 +1,6 @@
 """Stage `train@<dataset>-<model>`: one Ray Train run per seed, each an MLflow run; writes the run list.
 
-    python pipelines/train.py --dataset meld --model baseline --out runs/default/meld/baseline.json
+    python pipelines/train.py --dataset meld --model baseline --config tuned/meld/baseline.yaml --out runs/tuned/meld/baseline.json
     python pipelines/train.py --dataset meld --model summer --teacher runs/teacher/meld --out runs/default/meld/summer.json
 """
 

@@ -416,6 +416,7 @@ def test_a_new_corpus_is_a_params_entry_through_dvc_repro(tmp_path):
     # Only the new corpus, one seed, two epochs: the three built-in datasets need the data mirror and an hour.
     params["pipeline"]["datasets"] = ["friends"]
     params["train"].update(seeds=[0], epochs=2, patience=1)
+    params["tune"].update(trials=2, epochs=2, grace_period=1)  # the searches `dvc repro` runs first: short ones
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout
     assert changed.split() == ["M", "params.yaml"]

@@ -75,6 +75,7 @@ def test_iemocap_counts_and_cosmic_crosscheck(prepared):
 def _quick_params(clone: Path) -> None:
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["train"].update(seeds=[0, 1, 2], epochs=6, patience=3)
+    params["tune"].update(trials=2, epochs=3, grace_period=1)  # a short search per pair: `dvc repro` runs them first
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

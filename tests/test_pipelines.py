@@ -123,19 +123,22 @@ def stage_names(project: Path) -> set[str]:
     return set(listed.stdout.split())
 
 
+PIPELINES = ("dvc.yaml", "tuned/dvc.yaml", "untuned/dvc.yaml")
+
+
 def test_stages_follow_the_pipeline_lists_of_params(tmp_path):
     """dvc.yaml and tuned/dvc.yaml name no dataset or model: a dataset added to (or removed from) params'
     `pipeline` lists adds (or removes) its stages in both, and nothing else changes."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     pipeline = params["pipeline"]
-    for name in ("dvc.yaml", "tuned/dvc.yaml"):
+    for name in PIPELINES:
         text = (ROOT / name).read_text()
         named = [n for n in pipeline["datasets"] + pipeline["models"] + pipeline["distilled"]
                  if re.search(rf"\b{n}\b", text.replace("benchmarks/results", ""))]
         assert named == [], f"{name} names {named}"
     project = tmp_path / "p"
-    (project / "tuned").mkdir(parents=True)
-    for name in ("dvc.yaml", "tuned/dvc.yaml"):
+    for name in PIPELINES:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
         (project / name).write_text((ROOT / name).read_text())
     (project / ".dvc").mkdir()
     (project / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")
@@ -148,8 +151,9 @@ def test_stages_follow_the_pipeline_lists_of_params(tmp_path):
     per_dataset = lambda d: ({f"{s}@{d}" for s in ("prepare", "featurize", "teacher")}  # noqa: E731
                              | {f"train@{d}-{m}" for m in pipeline["models"]}
                              | {f"train_distilled@{d}-{m}" for m in pipeline["distilled"]}
-                             | {f"tuned/dvc.yaml:{s}@{d}-{m}" for s in ("tune", "train_tuned") for m in pipeline["models"]}
-                             | {f"tuned/dvc.yaml:{s}@{d}-{m}" for s in ("tune_distilled", "train_tuned_distilled")
-                                for m in pipeline["distilled"]})
+                             | {f"tuned/dvc.yaml:tune@{d}-{m}" for m in pipeline["models"]}
+                             | {f"tuned/dvc.yaml:tune_distilled@{d}-{m}" for m in pipeline["distilled"]}
+                             | {f"untuned/dvc.yaml:train_untuned@{d}-{m}" for m in pipeline["models"]}
+                             | {f"untuned/dvc.yaml:train_untuned_distilled@{d}-{m}" for m in pipeline["distilled"]})
     assert after - before == per_dataset("talk") and before - after == per_dataset("mosi")
     assert len(per_dataset("talk")) == 3 + len(models) * 3
