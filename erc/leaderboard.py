@@ -195,7 +195,8 @@ def to_markdown(board: pd.DataFrame) -> str:
     variants = sorted(board["variant"].unique(), key=lambda v: (v != MAIN_VARIANT, v))
     for variant in variants:
         part = board[board["variant"] == variant]
-        title = "Tuned configurations (the leaderboard)" if variant == MAIN_VARIANT else f"Variant: {variant}"
+        title = {MAIN_VARIANT: "Tuned configurations (the leaderboard)",
+                 "default": "Untuned: params.yaml's values (a second view)"}.get(variant, f"Variant: {variant}")
         lines += [f"## {title}", "",
                   "| dataset | model | features | seeds | weighted F1 | 95% CI | p vs baseline | p vs best | accuracy | "
                   "macro F1 | params | s/epoch | ms/dialogue | peak MB | flags |",
