@@ -206,3 +206,10 @@ def check_inputs(cfg) -> None:
         if not any((folder / f"{name}.json").is_file() for folder in folders):
             raise ErcDataError(folders[-1], f"inputs.{cfg.dataset}.{modality}: no feature set {name!r} here or in "
                                             f"{folders[0]}: run `dvc repro featurize@{cfg.dataset}`")
+
+
+def leakage_max_gap(params: dict, *, source) -> float:
+    """`leakage.max_gap`: how far (points of weighted F1) validation may lie above test before the probe warns."""
+    gap = check(Annotated[float, Field(ge=0)], (params.get("leakage") or {}).get("max_gap", 10.0), source=source,
+                prefix="leakage.max_gap")
+    return float(gap)

@@ -11,6 +11,7 @@ import torch
 from erc.data.canonical import FeatureSet, load, save_features
 from erc.features import encode_texts, load_encoder
 from erc.io import atomic_path
+from erc.config import leakage_max_gap
 from erc.leakage import probe_features
 from erc.params import load_params, stage_main
 
@@ -37,7 +38,7 @@ def main():
                                           pooling=spec.get("pooling", "mean"))
             info = {**{k: spec[k] for k in spec}, "label_derived": False}
             fs = FeatureSet(name, "text", values, [f"{args.prepared}/utterances.parquet"], None, info)
-            probe_features(args.dataset, table, {name: fs}, prepared.meta, max_gap=all_params["leakage"]["max_gap"])
+            probe_features(args.dataset, table, {name: fs}, prepared.meta, max_gap=leakage_max_gap(all_params, source=args.params))
             save_features(tmp, fs)
             print(f"{args.dataset} {name}: {len(table)} utterances, {timing['utterances_per_s']:.0f} utterances/s")
             (tmp / f"{name}.timing.json").write_text(json.dumps(timing) + "\n")

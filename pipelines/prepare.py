@@ -9,6 +9,7 @@ import argparse
 
 from erc.data import build_dataset
 from erc.data.canonical import counts, save
+from erc.config import leakage_max_gap
 from erc.leakage import probe_features
 from erc.params import load_params, stage_main
 
@@ -23,7 +24,7 @@ def main():
 
     params = load_params(args.params)
     prepared, dialogues = build_dataset(params, args.dataset, source=args.params)
-    probe_features(args.dataset, prepared.table, prepared.features, prepared.meta, max_gap=params["leakage"]["max_gap"])
+    probe_features(args.dataset, prepared.table, prepared.features, prepared.meta, max_gap=leakage_max_gap(params, source=args.params))
     save(prepared, args.out, expected_dialogues=dialogues)
     for split, c in counts(prepared.table).items():
         print(f"{args.dataset} {split}: {c}")
