@@ -584,13 +584,16 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
     else:
-        # A local Ray of its own temp dir: Ray processes that look for "the" cluster (its pointer file there, which
-        # Ray Train's placement-group cleaner follows) then find this one, not another erc run's or a test's.
+        # A local Ray of its own temp dir, so that Ray processes that look for "the" cluster find this one (through
+        # the pointer file written below), not another erc run's or a test session's.
         os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="erc-ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
         # Ray Train's spot-instance preemption watcher has nothing to watch here, and prints an error line per run.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # The dashboard stays on: Ray's state API (Ray Train's placement-group cleaner, Tune) needs it.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", **quiet)
+        # ...and its pointer file names it: without one, a Ray process that looks for the cluster (Ray Train's
+        # placement-group cleaner) picks among every Ray on the machine and fails when there are several.
+        ray._private.utils.write_ray_address(ray._private.worker._global_node.gcs_address)
     logging.getLogger("ray").setLevel(logging.WARNING)
     print(f"ray logs: {ray_log_dir()}", file=sys.stderr)
 
