@@ -66,7 +66,9 @@ def tiny_speech_model(kind: str, directory: Path) -> Path:
         model = tf.WhisperModel(tf.WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
                                                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
                                                  num_mel_bins=80, max_source_positions=1500, max_target_positions=32,
-                                                 vocab_size=64))
+                                                 vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                                 decoder_start_token_id=1, begin_suppress_tokens=None,
+                                                 suppress_tokens=None))
         tf.WhisperFeatureExtractor(feature_size=80).save_pretrained(directory)
     else:
         raise ValueError(kind)
