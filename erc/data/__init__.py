@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from erc.data import iemocap, meld, mosi
+from erc.data import folder_labels, iemocap, meld, mosi
 
-ADAPTERS = {"mosi": mosi.build, "meld": meld.build, "iemocap": iemocap.build}
+ADAPTERS = {"mosi": mosi.build, "meld": meld.build, "iemocap": iemocap.build,
+            "folder_labels": folder_labels.build}
