@@ -12,6 +12,7 @@ import io
 import numpy as np
 import pandas as pd
 
+from erc.data import voiceerc
 from erc.data.canonical import Prepared, make_table
 from erc.data.readers import label_ids, read_csv
 from erc.data.text_repair import decode, repair
@@ -74,4 +75,6 @@ def build(files: DatasetFiles, options: dict) -> tuple[Prepared, list[str]]:
         "notes": ["validation = the official dev split",
                   "dialogue ids are '<split>_dia<Dialogue_ID>' because MELD numbers dialogues per split"],
     }
-    return Prepared(make_table(df), meta, {}), sorted(df["dialogue_id"].unique())
+    table = make_table(df)
+    features = {"prosody8": voiceerc.meld_prosody(table, files)} if "prosody_train" in files.entries else {}
+    return Prepared(table, meta, features), sorted(df["dialogue_id"].unique())
