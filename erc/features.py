@@ -49,6 +49,7 @@ class TextEncoderSpec:
     template: str | None = None
     context_turns: int = 0
     device: str = "auto"  # auto: cuda when available
+    finetune: dict | None = None  # stage 1: tune on this dataset's training labels first (erc.stage1.FinetuneConfig)
 
     @classmethod
     def from_params(cls, spec: dict, *, source="params.yaml") -> "TextEncoderSpec":

@@ -100,6 +100,30 @@ def featurize_audio(items, extractors: dict, directory, *, source: list[str], on
     return figures
 
 
+def finetune_text(dataset: str, prepared: Prepared, table_source: str, name: str, spec: TextEncoderSpec, out, *,
+                  source="params.yaml"):
+    """Stage 1 for one text encoder on one dataset (erc.stage1); yields the terminal lines."""
+    from erc.features import prompts
+    from erc.stage1 import FinetuneConfig, finetune_and_featurize
+
+    cfg = FinetuneConfig.from_params(spec.finetune, source=source)
+    if cfg.datasets is not None and dataset not in cfg.datasets:
+        yield f"{dataset} {name}: not tuned on {dataset} (finetune.datasets), skipped"
+        return
+    target = prepared.meta["target"]
+    info = {k: v for k, v in vars(spec).items() if v is not None}
+    record = finetune_and_featurize(prepared.table, prepared.table[f"{target}_id"].to_numpy(),
+                                    prepared.meta[f"{target}_labels"],
+                                    prompts(prepared.table, spec.template, spec.context_turns), out, name,
+                                    model=spec.model, pooling=spec.pooling, max_length=spec.max_length, cfg=cfg,
+                                    source=[table_source], info=info)
+    for r in record["history"]:
+        yield (f"{dataset} {name} stage 1 epoch {r['epoch']}: train loss {r['train_loss']:.4f}, "
+               f"val wF1 {r['val_wf1']:.2f} ({r['epoch_s']:.0f} s)")
+    yield (f"{dataset} {name}: features of the tuned encoder (epoch {record['selected_epoch']}, "
+           f"val wF1 {record['selected_val_wf1']:.2f})")
+
+
 def featurize_dataset(dataset: str, prepared: Prepared, table_source: str, params: dict, out, *,
                       source="params.yaml", progress: bool = True):
     """Write every feature set of `dataset` into `out`; yields one line per set for the terminal."""
@@ -110,6 +134,9 @@ def featurize_dataset(dataset: str, prepared: Prepared, table_source: str, param
     else:
         for name, spec in (section.get("encoders") or {}).items():
             spec = TextEncoderSpec.from_params(spec, source=source)
+            if spec.finetune is not None:
+                yield from finetune_text(dataset, prepared, table_source, name, spec, out, source=source)
+                continue
             timing = featurize_text(table, out, name, spec, batch_size=section.get("batch_size", 64),
                                     source=[table_source], progress=progress)
             yield f"{dataset} {name}: {len(table)} utterances, {timing['utterances_per_s']:.0f} utterances/s"
