@@ -112,7 +112,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     device = get_device()
     texts, labels, splits = config["texts"], np.asarray(config["labels"]), np.asarray(config["splits"])
-    tokenizer, encoder = load_encoder(config["model"], dtype="float32", device=str(device))
+    tokenizer, encoder = load_encoder(config["model"], dtype=config["info"].get("dtype", "auto"), device=str(device))
     if config["info"].get("template"):
         tokenizer.truncation_side = "left"  # keep the utterance at the end, as erc.features does
     encoder.train()
