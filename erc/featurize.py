@@ -55,23 +55,34 @@ def audio_extractors(params: dict, wanted: list[str] | None, *, source="params.y
     return out
 
 
-def featurize_audio(items, extractors: dict, directory, *, source: list[str], on_bad_media: str = "error",
-                    specs: dict | None = None, progress: bool = True) -> dict:
-    """Run every extractor on every item's waveform (read once) into `<directory>/<name>.npy`; figures back."""
+def featurize_media(items, extractors: dict, directory, *, source: list[str], on_bad_media: str = "error",
+                    specs: dict | None = None, modality: str = "audio", progress: bool = True) -> dict:
+    """Run every extractor on every item into `<directory>/<name>.npy`; figures back.
+
+    Audio: each file is read once (16 kHz mono) and every extractor gets the waveform. Video: every extractor
+    gets the item's path (it samples its own frames).
+    """
     if on_bad_media not in ("error", "mask"):
         raise ErcDataError("params.yaml", f"on_bad_media must be error or mask, not {on_bad_media!r}")
+    read = load_audio if modality == "audio" else (lambda item: item.path)
     seconds = {name: 0.0 for name in extractors}
     audio_seconds, load_seconds, bad = 0.0, 0.0, []
     with contextlib.ExitStack() as stack:
         sets = {name: stack.enter_context(feature_file(
-                    directory, name, "audio", rows=len(items), dim=len(ex.names), source=source,
+                    directory, name, modality, rows=len(items), dim=len(ex.names), source=source,
                     info={**(specs or {}).get(name, {}), **({"columns": ex.names} if len(ex.names) <= 200 else {})},
                     with_mask=True))
                 for name, ex in extractors.items()}
-        for row, item in enumerate(tqdm(items, desc="audio", unit="file", disable=not progress)):
+        for row, item in enumerate(tqdm(items, desc=modality, unit="file", disable=not progress)):
             start = time.perf_counter()
             try:
-                wave = load_audio(item)
+                data = read(item)
+                load_seconds += time.perf_counter() - start
+                vectors = {}
+                for name, ex in extractors.items():
+                    start = time.perf_counter()
+                    vectors[name] = ex(data)
+                    seconds[name] += time.perf_counter() - start
             except MediaError as e:
                 if on_bad_media == "error":
                     raise
@@ -80,23 +91,19 @@ def featurize_audio(items, extractors: dict, directory, *, source: list[str], on
                     fs.values[row] = 0.0
                     fs.present[row] = False
                 continue
-            load_seconds += time.perf_counter() - start
-            audio_seconds += len(wave) / 16_000
-            for name, ex in extractors.items():
-                start = time.perf_counter()
+            audio_seconds += len(data) / 16_000 if modality == "audio" else 0.0
+            for name, vector in vectors.items():
                 fs = sets[name]
-                vector = ex(wave)
                 if not np.isfinite(vector).all():  # e.g. a pitch statistic of a clip with no voiced frame
                     vector = np.nan_to_num(vector, nan=0.0, posinf=0.0, neginf=0.0)
                     fs.info["nonfinite_rows_zeroed"] = fs.info.get("nonfinite_rows_zeroed", 0) + 1
                 fs.values[row] = vector
-                seconds[name] += time.perf_counter() - start
         for fs in sets.values():
             fs.info["bad_media"] = len(bad)
     figures = {"files": len(items), "bad_media": len(bad), "bad_media_first": bad[:5], "audio_seconds": audio_seconds,
-               "load_seconds": load_seconds,
+               "load_seconds": load_seconds, "seconds": seconds,
                "audio_seconds_per_s": {n: audio_seconds / max(s, 1e-9) for n, s in seconds.items()}}
-    (Path(directory) / "audio.timing.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (Path(directory) / f"{modality}.timing.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
 
 
@@ -147,10 +154,23 @@ def featurize_dataset(dataset: str, prepared: Prepared, table_source: str, param
     items = media_items(table, media, files, source=source)
     extractors = audio_extractors(section, media.get("sets"), source=source)
     specs = {**(section.get("acoustic") or {}), **(section.get("speech") or {})}
-    figures = featurize_audio(items, extractors, out, source=[f"media:{media['layout']}"],
-                              on_bad_media=section.get("on_bad_media", "error"), specs=specs, progress=progress)
-    for name, rate in figures["audio_seconds_per_s"].items():
-        yield (f"{dataset} {name}: {figures['files']} files ({figures['audio_seconds']:.0f} s of audio), "
-               f"{rate:.1f} s of audio per s")
-    if figures["bad_media"]:
-        yield f"{dataset}: {figures['bad_media']} bad media files masked (first: {figures['bad_media_first'][0]})"
+    if extractors:
+        figures = featurize_media(items, extractors, out, source=[f"media:{media['layout']}"],
+                                  on_bad_media=section.get("on_bad_media", "error"), specs=specs, progress=progress)
+        for name, rate in figures["audio_seconds_per_s"].items():
+            yield (f"{dataset} {name}: {figures['files']} files ({figures['audio_seconds']:.0f} s of audio), "
+                   f"{rate:.1f} s of audio per s")
+        if figures["bad_media"]:
+            yield f"{dataset}: {figures['bad_media']} bad media files masked (first: {figures['bad_media_first'][0]})"
+    if media.get("visual"):  # visual sets from the video's frames, by name (featurize.visual)
+        from erc.vision import FrameEncoder
+
+        visual = section.get("visual") or {}
+        unknown = sorted(set(media["visual"]) - set(visual))
+        if unknown:
+            raise ErcDataError(source, f"media visual sets {unknown} are not in featurize.visual")
+        figures = featurize_media(items, {n: FrameEncoder(**visual[n]) for n in media["visual"]}, out,
+                                  source=[f"media:{media['layout']}"], on_bad_media=section.get("on_bad_media", "error"),
+                                  specs=visual, modality="video", progress=progress)
+        for name, spent in figures["seconds"].items():
+            yield f"{dataset} {name}: {figures['files']} videos, {figures['files'] / max(spent, 1e-9):.1f} videos per s"

@@ -78,6 +78,16 @@ def tiny_speech_model(kind: str, directory: Path) -> Path:
     return directory
 
 
+def tiny_image_model(directory: Path) -> Path:
+    """A tiny random ViT (32x32 images, 8x8 patches) with its image processor, saved to `directory`."""
+    import transformers as tf
+
+    tf.ViTModel(tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             image_size=32, patch_size=8)).save_pretrained(directory)
+    tf.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+    return directory
+
+
 def tone(seconds: float = 1.0, freq: float = 220.0, *, sr: int = SR, amplitude: float = 0.3, seed: int = 0) -> np.ndarray:
     """A voiced-like tone: fundamental `freq` with a 5 Hz vibrato, three harmonics and a little noise."""
     t = np.arange(int(seconds * sr)) / sr
@@ -105,11 +115,11 @@ def espeak(path: Path, text: str, *, pitch: int = 50, speed: int = 160) -> Path 
     return path
 
 
-def video_with_audio(path: Path, wav: Path) -> Path:
-    """A 1 s black mp4 with `wav` as its sound track, made by the ffmpeg that imageio-ffmpeg ships."""
+def video_with_audio(path: Path, wav: Path, source: str = "color=c=black:s=32x32:d=1") -> Path:
+    """A 1 s mp4 (black, or another lavfi `source`) with `wav` as its sound track, made by imageio-ffmpeg's ffmpeg."""
     import imageio_ffmpeg
 
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
-           "color=c=black:s=32x32:d=1", "-i", str(wav), "-shortest", "-c:v", "mpeg4", "-c:a", "aac", str(path)]
+           source, "-i", str(wav), "-shortest", "-c:v", "mpeg4", "-c:a", "aac", str(path)]
     subprocess.run(cmd, check=True, capture_output=True)
     return path

@@ -13,7 +13,7 @@ from erc.acoustic import LibrosaStats, OpenSmileSet
 from erc.audio import MediaError, load_audio
 from erc.data import canonical
 from erc.data.media import MediaItem
-from erc.featurize import audio_extractors, featurize_audio
+from erc.featurize import audio_extractors, featurize_media
 from erc.speech import SpeechEncoder
 from tests.media_fixtures import SR, espeak, tiny_speech_model, tone, video_with_audio, write_audio
 
@@ -140,7 +140,7 @@ def test_speech_encoder_layer_and_chunking(speech_models):
 # ------------------------------------------------------------------ featurize over media
 
 
-def test_featurize_audio_masks_and_counts_bad_files(tmp_path, speech_models):
+def test_featurize_media_masks_and_counts_bad_files(tmp_path, speech_models):
     good = [write_audio(tmp_path / f"g{i}.wav", tone(1.0, 150.0 + 50 * i)) for i in range(3)]
     silent = write_audio(tmp_path / "silent.wav", np.zeros(SR, np.float32))
     items = [MediaItem(good[0]), MediaItem(tmp_path / "missing.wav"), MediaItem(good[1]), MediaItem(silent),
@@ -150,8 +150,8 @@ def test_featurize_audio_masks_and_counts_bad_files(tmp_path, speech_models):
     extractors = audio_extractors(params, None)
     out = tmp_path / "features"
     with pytest.raises(MediaError, match="missing.wav: missing media file"):
-        featurize_audio(items, extractors, out / "strict", source=["test"], progress=False)
-    figures = featurize_audio(items, extractors, out, source=["test"], on_bad_media="mask", progress=False)
+        featurize_media(items, extractors, out / "strict", source=["test"], progress=False)
+    figures = featurize_media(items, extractors, out, source=["test"], on_bad_media="mask", progress=False)
     assert figures["bad_media"] == 2 and figures["files"] == 5 and figures["audio_seconds"] == pytest.approx(3.0)
     for name, dim in [("egemaps", 88), ("w2v", 32)]:
         fs = canonical.load_features(out, name)

@@ -18,7 +18,7 @@ from erc.data.media import MediaItem, media_items
 from erc.errors import ErcDataError
 from erc.featurize import featurize_dataset
 from erc.sources import DatasetFiles, sha256_of, tree_sha256
-from tests.media_fixtures import tone, video_with_audio, write_audio
+from tests.media_fixtures import tiny_image_model, tone, video_with_audio, write_audio
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {"Angry": 300.0, "Sad": 140.0}  # a label's clips share a pitch: the probe can learn it
@@ -123,6 +123,33 @@ def test_meld_release_layout_reads_the_video_clips(tmp_path):
     assert "1 bad media files masked (first: " in lines[-1] and "output_repeated_splits_test/dia1_utt0.mp4: missing" in lines[-1]
     fs = canonical.load_features(tmp_path / "out", "egemaps")
     assert fs.present.tolist() == [True, True, False] and np.abs(fs.values[:2]).sum(1).min() > 0
+
+
+def test_visual_features_from_sampled_frames(tmp_path):
+    from erc.audio import MediaError
+    from erc.vision import FrameEncoder, sample_frames
+
+    wav = write_audio(tmp_path / "a.wav", tone(1.0))
+    black = video_with_audio(tmp_path / "black.mp4", wav)
+    moving = video_with_audio(tmp_path / "moving.mp4", wav, source="testsrc=s=32x32:d=1:r=25")
+    frames = sample_frames(moving, 4)
+    assert len(frames) == 4 and frames[0].shape == (32, 32, 3) and np.abs(frames[0].astype(int) - frames[-1]).max() > 0
+    encoder = FrameEncoder(model=str(tiny_image_model(tmp_path / "vit")), frames=4)
+    a, b = encoder(black), encoder(moving)
+    assert a.shape == b.shape == (32,) == (len(encoder.names),) and np.abs(a - b).max() > 1e-3
+    (tmp_path / "junk.mp4").write_bytes(b"\x00junk" * 100)
+    with pytest.raises(MediaError, match="junk.mp4: undecodable video"):
+        encoder(tmp_path / "junk.mp4")
+    table = small_table(["train_dia0_utt0", "train_dia0_utt1"])
+    (tmp_path / "train_splits").mkdir()
+    os.replace(moving, tmp_path / "train_splits" / "dia0_utt0.mp4")
+    params = {"featurize": {"visual": {"vit": {"model": str(tmp_path / "vit"), "frames": 2}}, "on_bad_media": "mask",
+                            "media": {"meld": {"layout": "meld_release", "root": str(tmp_path), "sets": [],
+                                               "visual": ["vit"]}}}}
+    lines = list(featurize_dataset("meld", canonical.Prepared(table, {}, {}), "t", params, tmp_path / "out",
+                                   progress=False))
+    fs = canonical.load_features(tmp_path / "out", "vit")
+    assert fs.modality == "video" and fs.present.tolist() == [True, False] and "meld vit: 2 videos" in lines[-1]
 
 
 def run(*args, cwd=ROOT):
