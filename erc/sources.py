@@ -140,6 +140,35 @@ class DatasetFiles:
         e = self._entry(name)
         return fetch_tree(e["url"], e["tree_sha256"], relpaths, self.cache)
 
+    def folder(self, name: str, suffixes=None) -> tuple[Path, list[str]]:
+        """A folder of files (a corpus of clips): its local root and its files' relative paths, sorted.
+
+        The entry is `{url, tree_sha256}` (found in the mirror: a folder cannot be downloaded file by file
+        without a listing) or `{path}` (a local folder, e.g. your own recordings; `tree_sha256` optional).
+        Only files whose suffix is in `suffixes` count (and are hashed), when given.
+        """
+        e = self._entry(name)
+        if "path" in e:
+            root = Path(os.path.expandvars(str(e["path"]))).expanduser()
+        else:
+            relpath = FileSpec(e["url"].rstrip("/"), "").relpath
+            mirror = mirror_dir()
+            root = mirror / relpath if mirror is not None else self.cache / relpath
+        if not root.is_dir():
+            raise ErcDataError(root, f"missing folder for {name!r}" + ("" if "path" in e else
+                               " (folders are read from ERC_DATA_MIRROR or data/raw, never downloaded)"))
+        wanted = None if suffixes is None else {s.lower() for s in suffixes}
+        relpaths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                          if p.is_file() and (wanted is None or p.suffix.lower() in wanted))
+        if not relpaths:
+            raise ErcDataError(root, f"no files{'' if wanted is None else ' ending in ' + '/'.join(sorted(wanted))}")
+        if e.get("tree_sha256"):
+            actual = tree_sha256({rel: sha256_of(root / rel) for rel in relpaths})
+            if actual != e["tree_sha256"]:
+                raise ErcDataError(root, f"checksum mismatch over {len(relpaths)} files: tree sha256 {actual}, "
+                                         f"expected {e['tree_sha256']}")
+        return root, relpaths
+
     def checksums(self) -> dict:
         return {name: {k: v for k, v in e.items() if k in ("url", "path", "sha256", "tree_sha256")}
                 for name, e in self.entries.items()}

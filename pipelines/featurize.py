@@ -1,6 +1,10 @@
-"""Stage `featurize@<dataset>`: text features for every utterance, one feature set per encoder in params.
+"""Stage `featurize@<dataset>`: features for every utterance, one feature set per encoder in params.
 
     python pipelines/featurize.py meld --prepared data/prepared/meld --out data/features/meld
+
+Text: `featurize.encoders` (any transformers encoder or decoder LLM). Audio, for a dataset whose media
+`featurize.media.<dataset>` names: `featurize.acoustic` (openSMILE, librosa) and `featurize.speech`
+(wav2vec2, WavLM, HuBERT, the Whisper encoder, ...), or the subset that the media entry's `sets` lists.
 """
 
 import argparse
@@ -8,8 +12,8 @@ import json
 
 import torch
 
-from erc.data.canonical import FeatureSet, load, save_features
-from erc.features import encode_texts, load_encoder
+from erc.data.canonical import load, load_features
+from erc.featurize import featurize_dataset
 from erc.io import atomic_path
 from erc.config import leakage_max_gap
 from erc.leakage import probe_features
@@ -23,25 +27,25 @@ def main():
     parser.add_argument("--prepared", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, e.g. --set featurize.encoders.minilm.batch_size=128")
     args = parser.parse_args()
-    all_params = load_params(args.params)
-    params = all_params["featurize"]
+    params = load_params(args.params, args.set)
     torch.manual_seed(0)
 
     prepared = load(args.prepared, feature_names=[])
-    table = prepared.table
     with atomic_path(args.out) as tmp:
-        for name, spec in params["encoders"].items():
-            tokenizer, model = load_encoder(spec["model"])
-            values, timing = encode_texts(table["text"].tolist(), tokenizer, model,
-                                          batch_size=params["batch_size"], max_length=spec.get("max_length", 128),
-                                          pooling=spec.get("pooling", "mean"))
-            info = {**{k: spec[k] for k in spec}, "label_derived": False}
-            fs = FeatureSet(name, "text", values, [f"{args.prepared}/utterances.parquet"], None, info)
-            probe_features(args.dataset, table, {name: fs}, prepared.meta, max_gap=leakage_max_gap(all_params, source=args.params))
-            save_features(tmp, fs)
-            print(f"{args.dataset} {name}: {len(table)} utterances, {timing['utterances_per_s']:.0f} utterances/s")
-            (tmp / f"{name}.timing.json").write_text(json.dumps(timing) + "\n")
+        tmp.mkdir()
+        for line in featurize_dataset(args.dataset, prepared, f"{args.prepared}/utterances.parquet", params, tmp,
+                                      source=args.params):
+            print(line, flush=True)
+        # Every set it made gets the leakage probe; a fine-tuned encoder's (stage 1) learnt from training labels.
+        gap = leakage_max_gap(params, source=args.params)
+        for name in sorted(p.stem for p in tmp.glob("*.json") if not p.name.endswith(".timing.json")):
+            fs = load_features(tmp, name)
+            fs.info.setdefault("label_derived", bool(fs.info.get("finetune")))
+            probe_features(args.dataset, prepared.table, {name: fs}, prepared.meta, max_gap=gap)
+            (tmp / f"{name}.json").write_text(json.dumps(fs.describe(), indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def _quick_params(clone: Path) -> None:
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["train"].update(seeds=[0, 1, 2], epochs=6, patience=3)
     params["tune"].update(trials=2, epochs=3, grace_period=1)  # a short search per pair: `dvc repro` runs them first
+    params["featurize"]["media"]["urdu"]["sets"] = ["egemaps"]  # one acoustic set of the five: minutes less
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -95,3 +96,20 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert json.loads((clone / "reports/metrics.json").read_text()).keys() == {"mosi", "meld", "iemocap"}
     again = subprocess.run(["dvc", "repro"], cwd=clone, env=env, check=True, capture_output=True, text=True)
     assert "Running stage" not in again.stdout  # its wall time is measured by benchmarks/throughput.py --repro
+
+
+@needs_mirror
+def test_voiceerc_prosody_for_meld_and_iemocap(prepared):
+    meld, iemocap = prepared["meld"].features["prosody8"], prepared["iemocap"].features["prosody8"]
+    assert meld.dim == iemocap.dim == 8
+    assert int((~meld.present).sum()) == 2  # train dia125_utt3 and dev dia110_utt7 have no row
+    assert iemocap.present is None  # every 6-class IEMOCAP utterance has one
+
+
+@needs_mirror
+def test_urdu_folder_per_label(prepared):
+    urdu = prepared["urdu"].table
+    assert len(urdu) == 400 and urdu["speaker"].nunique() == 29
+    assert urdu["emotion"].value_counts().to_dict() == {"angry": 100, "happy": 100, "neutral": 100, "sad": 100}
+    assert (urdu.groupby("speaker")["split"].nunique() == 1).all()
+    assert (urdu["utterance_id"].str.split("/").str[0].str.lower() == urdu["emotion"]).all()

@@ -7,12 +7,15 @@ IEMOCAP's JSON tree and the COSMIC cross-check).
 
 from __future__ import annotations
 
-from erc.data import conversations, iemocap, mosi
+from erc.data import conversations, folder_labels, iemocap, mosi, voiceerc
 from erc.data.canonical import Prepared
 from erc.errors import ErcDataError
 from erc.sources import DEFAULT_CACHE, DatasetFiles
 
-ADAPTERS = {"conversations": conversations.build, "mosi": mosi.build, "iemocap": iemocap.build}
+ADAPTERS = {"conversations": conversations.build, "mosi": mosi.build, "iemocap": iemocap.build,
+            "folder_labels": folder_labels.build}
+# Published per-utterance feature sets that sit beside a corpus (`datasets.<name>.feature_files`), by reader.
+FEATURE_READERS = {"voiceerc_meld": voiceerc.meld_prosody}
 PARAMS_PARTS = ("options", "files")  # an adapter's error about its params entry names one of these, not a file
 
 
@@ -34,5 +37,12 @@ def build_dataset(params: dict, name: str, *, source="params.yaml", cache=DEFAUL
         if e.path in PARAMS_PARTS:
             raise ErcDataError(source, f"datasets.{name}.{e.path}.{e.problem}") from None
         raise
+    for set_name, spec in (entry.get("feature_files") or {}).items():
+        if not isinstance(spec, dict) or spec.get("reader") not in FEATURE_READERS or not spec.get("files"):
+            raise ErcDataError(source, f"datasets.{name}.feature_files.{set_name}: needs reader (one of "
+                                       f"{sorted(FEATURE_READERS)}) and files")
+        extra = DatasetFiles(spec["files"], cache)
+        prepared.features[set_name] = FEATURE_READERS[spec["reader"]](prepared.table, extra)
+        prepared.meta.setdefault("sources", {}).update(extra.checksums())
     prepared.meta["dataset"] = name
     return prepared, dialogues

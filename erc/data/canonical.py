@@ -171,7 +171,12 @@ def save_features(directory, fs: FeatureSet) -> None:
     np.save(directory / f"{fs.name}.npy", fs.values.astype(np.float32))
     if fs.present is not None:
         np.save(directory / f"{fs.name}.present.npy", fs.present.astype(bool))
-    (directory / f"{fs.name}.json").write_text(json.dumps(fs.describe(), indent=2) + "\n")
+    write_feature_info(directory, fs)
+
+
+def write_feature_info(directory, fs: FeatureSet) -> None:
+    """The `<name>.json` beside a feature set's `.npy` (written last: a set without it is not there)."""
+    (Path(directory) / f"{fs.name}.json").write_text(json.dumps(fs.describe(), indent=2) + "\n")
 
 
 def load_features(directory, name: str) -> FeatureSet:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from erc.data import voiceerc
 from erc.data.canonical import FeatureSet, Prepared, check_features, make_table
 from erc.data.readers import read_csv, read_json
 from erc.errors import ErcDataError
@@ -99,7 +100,10 @@ def build(files: DatasetFiles, options: dict) -> tuple[Prepared, list[str]]:
             f"{int((~present).sum())} utterances have no row in audio_features.csv: zeros, present=False",
         ],
     }
-    return Prepared(make_table(table), meta, features), dialogues
+    table = make_table(table)
+    if "prosody" in files.entries:  # VoiceERC's 8 prosodic features
+        features["prosody8"] = voiceerc.iemocap_prosody(table, files)
+    return Prepared(table, meta, features), dialogues
 
 
 def crosscheck_cosmic(table: pd.DataFrame, files: DatasetFiles) -> dict:

@@ -1,0 +1,76 @@
+"""Hand-made acoustic feature sets from a 16 kHz waveform, through kept libraries (no signal processing here).
+
+- `opensmile`: the openSMILE sets that the `opensmile` package ships, as utterance-level functionals:
+  eGeMAPSv02 (88), ComParE_2016 (6,373), IS09 emotion (384), IS10 paralinguistics (1,582; the set of SDT's
+  IEMOCAP features), GeMAPS, emobase, IS11-IS13.
+- `librosa`: statistics over frames: log-mel and MFCC mean and std, F0 (pYIN) over voiced frames, the voiced
+  fraction and voicing probability, and RMS energy in dB.
+
+Every extractor has `names` (one per dimension) and maps a waveform to a float32 vector of `len(names)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from erc.audio import SAMPLE_RATE
+
+
+@dataclass
+class OpenSmileSet:
+    """openSMILE functionals of one of the package's feature sets (`opensmile.FeatureSet` names)."""
+
+    set: str = "eGeMAPSv02"
+
+    def __post_init__(self):
+        import opensmile
+
+        if self.set not in opensmile.FeatureSet.__members__:
+            raise ValueError(f"unknown openSMILE set {self.set!r}; the package has {list(opensmile.FeatureSet.__members__)}")
+        self.smile = opensmile.Smile(feature_set=opensmile.FeatureSet[self.set],
+                                     feature_level=opensmile.FeatureLevel.Functionals)
+        self.names = list(self.smile.feature_names)
+
+    def __call__(self, wave: np.ndarray) -> np.ndarray:
+        return self.smile.process_signal(wave, SAMPLE_RATE).to_numpy(dtype=np.float32)[0]
+
+
+@dataclass
+class LibrosaStats:
+    """Frame statistics through librosa (25 ms windows, 10 ms hop)."""
+
+    n_mels: int = 64
+    n_mfcc: int = 20
+    fmin: float = 60.0  # F0 search range (Hz)
+    fmax: float = 500.0
+    f0_hop: int = 320  # pYIN's hop in samples (20 ms): pYIN is most of the cost
+
+    def __post_init__(self):
+        stats = ("mean", "std")
+        self.names = ([f"logmel{i}_{s}" for s in stats for i in range(self.n_mels)]
+                      + [f"mfcc{i}_{s}" for s in stats for i in range(self.n_mfcc)]
+                      + ["f0_semitone_mean", "f0_semitone_std", "f0_semitone_p10", "f0_semitone_p90",
+                         "voiced_fraction", "voiced_prob_mean",
+                         "rms_db_mean", "rms_db_std", "rms_db_p10", "rms_db_p90"])
+
+    def __call__(self, wave: np.ndarray) -> np.ndarray:
+        import librosa
+
+        n_fft, hop = 400, 160
+        mel = librosa.feature.melspectrogram(y=wave, sr=SAMPLE_RATE, n_fft=n_fft, hop_length=hop, n_mels=self.n_mels)
+        logmel = librosa.power_to_db(mel, top_db=80.0)
+        mfcc = librosa.feature.mfcc(S=logmel, n_mfcc=self.n_mfcc)
+        f0, voiced, prob = librosa.pyin(wave, fmin=self.fmin, fmax=self.fmax, sr=SAMPLE_RATE, frame_length=1024,
+                                        hop_length=self.f0_hop)
+        semitones = 12 * np.log2(f0[voiced] / 55.0) if voiced.any() else np.zeros(1)  # re A1; unvoiced: 0
+        rms_db = librosa.amplitude_to_db(librosa.feature.rms(y=wave, frame_length=n_fft, hop_length=hop)[0], top_db=80.0)
+        parts = [logmel.mean(1), logmel.std(1), mfcc.mean(1), mfcc.std(1),
+                 [semitones.mean(), semitones.std(), *np.percentile(semitones, [10, 90])],
+                 [voiced.mean(), np.nan_to_num(prob).mean()],
+                 [rms_db.mean(), rms_db.std(), *np.percentile(rms_db, [10, 90])]]
+        return np.concatenate([np.asarray(p, dtype=np.float32) for p in parts])
+
+
+EXTRACTORS = {"opensmile": OpenSmileSet, "librosa": LibrosaStats}

@@ -1,0 +1,176 @@
+"""The featurize stage's work: every feature set that params.yaml's `featurize` section asks for, for one dataset.
+
+Text sets (`featurize.encoders`) come from the prepared table's text; audio sets (`featurize.acoustic`:
+openSMILE and librosa; `featurize.speech`: transformers speech encoders) come from the media that
+`featurize.media.<dataset>` places (`erc.data.media`). Each set is streamed into `<out>/<name>.npy`
+(`erc.features.feature_file`); the caller writes `out` atomically.
+
+A bad media file stops the stage with one line naming it (`on_bad_media: error`, the default), or
+(`on_bad_media: mask`) its row is zeros, marked absent in `<name>.present.npy` like any missing modality,
+and counted in `<name>.json` (`missing`, `bad_media`) and on the terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from erc.acoustic import EXTRACTORS
+from erc.audio import MediaError, load_audio
+from erc.data.canonical import Prepared
+from erc.data.media import media_items
+from erc.errors import ErcDataError
+from erc.features import TextEncoderSpec, feature_file, featurize_text
+from erc.sources import DatasetFiles
+from erc.speech import SpeechEncoder
+
+
+def audio_extractors(params: dict, wanted: list[str] | None, *, source="params.yaml") -> dict:
+    """{name: extractor} for the acoustic and speech sets in `featurize` (those in `wanted`, if given)."""
+    specs = {**{n: ("acoustic", s) for n, s in (params.get("acoustic") or {}).items()},
+             **{n: ("speech", s) for n, s in (params.get("speech") or {}).items()}}
+    unknown = sorted(set(wanted or []) - set(specs))
+    if unknown:
+        raise ErcDataError(source, f"media sets {unknown} are not in featurize.acoustic or featurize.speech")
+    out = {}
+    for name, (family, spec) in specs.items():
+        if wanted is not None and name not in wanted:
+            continue
+        spec = dict(spec)
+        try:
+            if family == "acoustic":
+                kind = spec.pop("kind", None)
+                if kind not in EXTRACTORS:
+                    raise ErcDataError(source, f"featurize.acoustic.{name}: kind must be one of {sorted(EXTRACTORS)}")
+                out[name] = EXTRACTORS[kind](**spec)
+            else:
+                out[name] = SpeechEncoder(**spec)
+        except (TypeError, ValueError) as e:
+            raise ErcDataError(source, f"featurize.{family}.{name}: {str(e).splitlines()[0]}") from None
+    return out
+
+
+def featurize_media(items, extractors: dict, directory, *, source: list[str], on_bad_media: str = "error",
+                    specs: dict | None = None, modality: str = "audio", progress: bool = True) -> dict:
+    """Run every extractor on every item into `<directory>/<name>.npy`; figures back.
+
+    Audio: each file is read once (16 kHz mono) and every extractor gets the waveform. Video: every extractor
+    gets the item's path (it samples its own frames).
+    """
+    if on_bad_media not in ("error", "mask"):
+        raise ErcDataError("params.yaml", f"on_bad_media must be error or mask, not {on_bad_media!r}")
+    read = load_audio if modality == "audio" else (lambda item: item.path)
+    seconds = {name: 0.0 for name in extractors}
+    audio_seconds, load_seconds, bad = 0.0, 0.0, []
+    with contextlib.ExitStack() as stack:
+        sets = {name: stack.enter_context(feature_file(
+                    directory, name, modality, rows=len(items), dim=len(ex.names), source=source,
+                    info={**(specs or {}).get(name, {}), **({"columns": ex.names} if len(ex.names) <= 200 else {})},
+                    with_mask=True))
+                for name, ex in extractors.items()}
+        for row, item in enumerate(tqdm(items, desc=modality, unit="file", disable=not progress)):
+            start = time.perf_counter()
+            try:
+                data = read(item)
+                load_seconds += time.perf_counter() - start
+                vectors = {}
+                for name, ex in extractors.items():
+                    start = time.perf_counter()
+                    vectors[name] = ex(data)
+                    seconds[name] += time.perf_counter() - start
+            except MediaError as e:
+                if on_bad_media == "error":
+                    raise
+                bad.append(str(e))
+                for fs in sets.values():
+                    fs.values[row] = 0.0
+                    fs.present[row] = False
+                continue
+            audio_seconds += len(data) / 16_000 if modality == "audio" else 0.0
+            for name, vector in vectors.items():
+                fs = sets[name]
+                if not np.isfinite(vector).all():  # e.g. a pitch statistic of a clip with no voiced frame
+                    vector = np.nan_to_num(vector, nan=0.0, posinf=0.0, neginf=0.0)
+                    fs.info["nonfinite_rows_zeroed"] = fs.info.get("nonfinite_rows_zeroed", 0) + 1
+                fs.values[row] = vector
+        for fs in sets.values():
+            fs.info["bad_media"] = len(bad)
+    figures = {"files": len(items), "bad_media": len(bad), "bad_media_first": bad[:5], "audio_seconds": audio_seconds,
+               "load_seconds": load_seconds, "seconds": seconds,
+               "audio_seconds_per_s": {n: audio_seconds / max(s, 1e-9) for n, s in seconds.items()}}
+    (Path(directory) / f"{modality}.timing.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+def finetune_text(dataset: str, prepared: Prepared, table_source: str, name: str, spec: TextEncoderSpec, out, *,
+                  source="params.yaml"):
+    """Stage 1 for one text encoder on one dataset (erc.stage1); yields the terminal lines."""
+    from erc.features import prompts
+    from erc.stage1 import FinetuneConfig, finetune_and_featurize
+
+    cfg = FinetuneConfig.from_params(spec.finetune, source=source)
+    if cfg.datasets is not None and dataset not in cfg.datasets:
+        yield f"{dataset} {name}: not tuned on {dataset} (finetune.datasets), skipped"
+        return
+    target = prepared.meta["target"]
+    info = {k: v for k, v in vars(spec).items() if v is not None}
+    record = finetune_and_featurize(prepared.table, prepared.table[f"{target}_id"].to_numpy(),
+                                    prepared.meta[f"{target}_labels"],
+                                    prompts(prepared.table, spec.template, spec.context_turns), out, name,
+                                    model=spec.model, pooling=spec.pooling, max_length=spec.max_length, cfg=cfg,
+                                    source=[table_source], info=info)
+    for r in record["history"]:
+        yield (f"{dataset} {name} stage 1 epoch {r['epoch']}: train loss {r['train_loss']:.4f}, "
+               f"val wF1 {r['val_wf1']:.2f} ({r['epoch_s']:.0f} s)")
+    yield (f"{dataset} {name}: features of the tuned encoder (epoch {record['selected_epoch']}, "
+           f"val wF1 {record['selected_val_wf1']:.2f})")
+
+
+def featurize_dataset(dataset: str, prepared: Prepared, table_source: str, params: dict, out, *,
+                      source="params.yaml", progress: bool = True):
+    """Write every feature set of `dataset` into `out`; yields one line per set for the terminal."""
+    section = params["featurize"]
+    table = prepared.table
+    if table["text"].str.len().sum() == 0:
+        yield f"{dataset}: no text, text encoders skipped"
+    else:
+        for name, spec in (section.get("encoders") or {}).items():
+            spec = TextEncoderSpec.from_params(spec, source=source)
+            if spec.finetune is not None:
+                yield from finetune_text(dataset, prepared, table_source, name, spec, out, source=source)
+                continue
+            timing = featurize_text(table, out, name, spec, batch_size=section.get("batch_size", 64),
+                                    source=[table_source], progress=progress)
+            yield f"{dataset} {name}: {len(table)} utterances, {timing['utterances_per_s']:.0f} utterances/s"
+    media = (section.get("media") or {}).get(dataset)
+    if media is None:
+        return
+    files = DatasetFiles(params["datasets"][dataset]["files"]) if dataset in params.get("datasets", {}) else None
+    items = media_items(table, media, files, source=source)
+    extractors = audio_extractors(section, media.get("sets"), source=source)
+    specs = {**(section.get("acoustic") or {}), **(section.get("speech") or {})}
+    if extractors:
+        figures = featurize_media(items, extractors, out, source=[f"media:{media['layout']}"],
+                                  on_bad_media=section.get("on_bad_media", "error"), specs=specs, progress=progress)
+        for name, rate in figures["audio_seconds_per_s"].items():
+            yield (f"{dataset} {name}: {figures['files']} files ({figures['audio_seconds']:.0f} s of audio), "
+                   f"{rate:.1f} s of audio per s")
+        if figures["bad_media"]:
+            yield f"{dataset}: {figures['bad_media']} bad media files masked (first: {figures['bad_media_first'][0]})"
+    if media.get("visual"):  # visual sets from the video's frames, by name (featurize.visual)
+        from erc.vision import FrameEncoder
+
+        visual = section.get("visual") or {}
+        unknown = sorted(set(media["visual"]) - set(visual))
+        if unknown:
+            raise ErcDataError(source, f"media visual sets {unknown} are not in featurize.visual")
+        figures = featurize_media(items, {n: FrameEncoder(**visual[n]) for n in media["visual"]}, out,
+                                  source=[f"media:{media['layout']}"], on_bad_media=section.get("on_bad_media", "error"),
+                                  specs=visual, modality="video", progress=progress)
+        for name, spent in figures["seconds"].items():
+            yield f"{dataset} {name}: {figures['files']} videos, {figures['files'] / max(spent, 1e-9):.1f} videos per s"

@@ -1,0 +1,212 @@
+"""Stage 1 (MiSTER-E): fine-tune a text encoder on the training split's utterance labels, then pool its features.
+
+A text encoder entry of `featurize.encoders` with a `finetune:` block gets its features from a copy of the
+encoder tuned on this dataset: LoRA adapters (peft; or every weight with `method: full`) and MiSTER-E's head
+(LayerNorm on the pooled state, then ReLU, dropout and a linear classifier) are trained with focal loss on the
+training split only; the epoch with the best validation weighted F1 is kept; the adapters are merged into the
+encoder, which then encodes every utterance (train, valid and test) like any other text encoder
+(`erc.features`). Test labels are never read.
+
+The training runs in Ray Train's TorchTrainer (`num_workers` workers, GPUs with `use_gpu`), each worker
+taking its part of every batch under DDP; validation predictions are gathered and scored once. Rank 0
+writes the features into the stage's output folder (a path every worker sees).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from erc.errors import ErcDataError
+
+LORA_TARGETS = {  # peft knows most models' attention projections; these are the ones it may not
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+}
+
+
+@dataclass
+class FinetuneConfig:
+    """`featurize.encoders.<name>.finetune` in params.yaml (MiSTER-E's text settings are r 8, alpha 32,
+    dropout 0.1, lr 1e-5, 20 epochs, focal gamma 2, on a 7B LLM; these defaults suit a small encoder)."""
+
+    method: str = "lora"  # lora | full
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.1  # LoRA dropout
+    target_modules: list | None = None  # None: peft's default for the model type (or LORA_TARGETS)
+    head_dropout: float = 0.5
+    focal_gamma: float = 2.0
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    epochs: int = 3
+    batch_size: int = 32  # utterances per optimizer step, over all workers
+    max_train_utterances: int | None = None  # a random subset of the training split (a quick run)
+    seed: int = 0
+    datasets: list | None = None  # the datasets to tune on (None: every dataset featurized)
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None
+    storage_path: str = "ray_results/stage1"
+
+    @classmethod
+    def from_params(cls, spec: dict, *, source="params.yaml") -> "FinetuneConfig":
+        unknown = sorted(set(spec) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ErcDataError(source, f"unknown finetune key(s) {unknown}")
+        cfg = cls(**spec)
+        if cfg.method not in ("lora", "full"):
+            raise ErcDataError(source, f"finetune.method must be lora or full, not {cfg.method!r}")
+        return cfg
+
+
+class Classifier(nn.Module):
+    """Encoder -> pooled utterance state -> LayerNorm -> ReLU -> dropout -> linear (MiSTER-E's stage-1 head)."""
+
+    def __init__(self, encoder: nn.Module, hidden: int, classes: int, pooling: str, dropout: float):
+        super().__init__()
+        self.encoder, self.pooling = encoder, pooling
+        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, classes))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from erc.features import pool
+
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.head(pool(hidden, attention_mask, self.pooling).float())
+
+
+def with_adapters(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
+    """LoRA adapters (only they train), or the model as is for full fine-tuning."""
+    if cfg.method == "full":
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.target_modules or LORA_TARGETS.get(model.config.model_type)
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets)
+    return get_peft_model(model, config)
+
+
+def _batches(rows: np.ndarray, size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    rows = rng.permutation(rows) if rng is not None else rows
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: tune, select on validation, and (rank 0) write the features of the selected epoch."""
+    import ray.train
+    from ray.train.torch import get_device, prepare_model
+
+    from erc.distributed import gather
+    from erc.features import default_pooling, encode_texts, feature_file, load_encoder
+    from erc.metrics import classification_metrics
+    from erc.models.blocks import focal_loss
+
+    cfg = FinetuneConfig(**config["finetune"])
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    torch.manual_seed(cfg.seed)
+    device = get_device()
+    texts, labels, splits = config["texts"], np.asarray(config["labels"]), np.asarray(config["splits"])
+    tokenizer, encoder = load_encoder(config["model"], dtype=config["info"].get("dtype", "auto"), device=str(device))
+    if config["info"].get("template"):
+        tokenizer.truncation_side = "left"  # keep the utterance at the end, as erc.features does
+    encoder.train()
+    pooling = default_pooling(encoder) if config["pooling"] == "auto" else config["pooling"]
+    hidden = getattr(encoder.config, "hidden_size", None) or encoder.config.d_model
+    model = Classifier(with_adapters(encoder, cfg), hidden, config["classes"], pooling, cfg.head_dropout).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ddp = prepare_model(model) if world > 1 else model
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ids = tokenizer(texts, truncation=True, max_length=config["max_length"])["input_ids"]
+
+    def forward(rows, net):
+        batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt").to(device)
+        return net(batch["input_ids"], batch["attention_mask"])
+
+    train_rows = np.flatnonzero((splits == "train") & (labels >= 0))
+    if cfg.max_train_utterances and len(train_rows) > cfg.max_train_utterances:
+        train_rows = np.sort(np.random.default_rng(cfg.seed).choice(train_rows, cfg.max_train_utterances, replace=False))
+    valid_rows = np.flatnonzero((splits == "valid") & (labels >= 0))
+    best = {"val_wf1": -1.0, "epoch": -1, "state": None}
+    history = []
+    for epoch in range(cfg.epochs):
+        model.train()
+        start, losses = time.perf_counter(), []
+        for rows in _batches(train_rows, cfg.batch_size, np.random.default_rng(cfg.seed * 1000 + epoch)):
+            part = rows[rank::world]
+            if len(part) == 0:  # a last batch smaller than the workers: every worker must still step
+                part = rows[:1]
+            optimizer.zero_grad()
+            loss = focal_loss(forward(part, ddp), torch.as_tensor(labels[part], device=device), gamma=cfg.focal_gamma)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            losses.append(float(loss))
+        model.eval()
+        with torch.inference_mode():
+            mine = valid_rows[rank::world]
+            predicted = np.concatenate([forward(rows, model).argmax(-1).cpu().numpy()
+                                        for rows in _batches(mine, 64, None)] or [np.zeros(0, int)])
+        parts = gather((mine, predicted))
+        rows_all = np.concatenate([p[0] for p in parts])
+        pred_all = np.concatenate([p[1] for p in parts])
+        scores = classification_metrics(labels[rows_all], pred_all, config["label_names"], prefix="val_")
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_wf1": scores["val_wf1"],
+                  "val_acc": scores["val_acc"], "epoch_s": time.perf_counter() - start}
+        history.append(record)
+        if record["val_wf1"] > best["val_wf1"]:  # the first of equal ones
+            best = {"val_wf1": record["val_wf1"], "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()
+                              if k.startswith("head") or "lora_" in k or cfg.method == "full"}}
+        ray.train.report(record)
+
+    if rank == 0:
+        model.load_state_dict(best["state"], strict=False)
+        tuned = model.encoder.merge_and_unload() if cfg.method == "lora" else model.encoder
+        tuned.eval()
+        out = Path(config["out_dir"])
+        with feature_file(out, config["name"], "text", rows=len(texts), dim=hidden, source=config["source"],
+                          info={**config["info"], "pooling": pooling, "selected_epoch": best["epoch"],
+                                "selected_val_wf1": best["val_wf1"]}) as fs:
+            encode_texts(texts, tokenizer, tuned, batch_size=64, max_length=config["max_length"], pooling=pooling,
+                         out=fs.values, progress=False)
+        (out / f"{config['name']}.stage1.json").write_text(json.dumps(
+            {"history": history, "selected_epoch": best["epoch"], "selected_val_wf1": best["val_wf1"],
+             "train_utterances": int(len(train_rows)), "trainable_parameters": int(sum(p.numel() for p in trainable))},
+            indent=2) + "\n")
+
+
+def finetune_and_featurize(table, labels: np.ndarray, label_names: list[str], texts: list[str], out_dir, name: str, *,
+                           model: str, pooling: str, max_length: int, cfg: FinetuneConfig, source: list[str],
+                           info: dict) -> dict:
+    """Driver side: one TorchTrainer run; returns the stage-1 record (history, selected epoch)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from erc.features import resolve_encoder
+    from erc.train import init_ray
+
+    init_ray()
+    out_dir = Path(out_dir).resolve()
+    cpus = cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"finetune": asdict(cfg), "texts": list(texts), "labels": labels.tolist(),
+                           "splits": table["split"].tolist(), "classes": len(label_names), "label_names": label_names,
+                           "model": resolve_encoder(model), "pooling": pooling, "max_length": max_length,
+                           "out_dir": str(out_dir), "name": name, "source": source, "info": info},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.use_gpu else {})}),
+        run_config=RunConfig(name=f"stage1-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                             storage_path=str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path
+                             else cfg.storage_path),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return json.loads((out_dir / f"{name}.stage1.json").read_text())
