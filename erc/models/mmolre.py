@@ -89,7 +89,7 @@ import torch
 from torch import nn
 
 from erc.data.dialogues import IGNORE, Batch
-from erc.models import ModelOutput, ModelSpec, register
+from erc.models import Gates, ModelOutput, ModelSpec, register
 from erc.models.blocks import LowRankExpert, cross_entropy, load_balance, score_l1, top_k_gates
 
 
@@ -193,6 +193,22 @@ class MMoLRE(nn.Module):
         self.score_head = nn.Linear(d, 1) if spec.has_score else None
         weights = torch.tensor(spec.class_weights, dtype=torch.float32) if spec.class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
+
+    def gates(self, batch: Batch, out: ModelOutput) -> dict[str, Gates]:
+        """Each UniTSE router (`router.<modality>.<task>.<block>`, over the utterances that have the modality)
+        and each task's fusion over the modalities (`fusion.<task>`, with two or more modalities)."""
+        found = {}
+        for m in self.modalities:
+            for t in self.tasks:
+                experts = [f"shared{e}" for e in range(self.config.num_shared)] + [f"{t}-specific"]
+                for i in range(self.config.num_blocks):
+                    found[f"router.{m}.{t}.{i}"] = Gates(experts, out.extras[f"gates_{m}_{t}_{i}"],
+                                                         batch.modality_mask[m] & batch.mask, self.config.top_k)
+        if len(self.modalities) > 1:
+            some = torch.stack([batch.modality_mask[m] for m in self.modalities]).any(0) & batch.mask
+            for t in self.tasks:
+                found[f"fusion.{t}"] = Gates(list(self.modalities), out.extras[f"fusion_{t}"], some)
+        return found
 
     def forward(self, batch: Batch) -> ModelOutput:
         extras, balance = {}, []
