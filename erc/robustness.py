@@ -55,7 +55,7 @@ def to_markdown(table: pd.DataFrame) -> str:
     wide = cells.pivot_table(index=["dataset", "model"], columns="modality", values="cell", aggfunc="first")
     full = table.groupby(["dataset", "model"])["wf1_all"].first()
     modalities = list(wide.columns)
-    lines = ["| dataset | model | wF1 (all) | " + " | ".join(f"without {m}" for m in modalities) + " |",
+    lines = ["| dataset | model | wF1 (all) | " + " | ".join(f"drop without {m}" for m in modalities) + " |",
              "|---|---|---|" + "---|" * len(modalities)]
     for (dataset, model), row in wide.iterrows():
         lines.append(f"| {dataset} | {model} | {full[(dataset, model)]:.2f} | "

@@ -154,4 +154,4 @@ def test_plot_and_tables(models, emotion_task, tmp_path):
     assert table.loc["a", "wf1_drop_mean"] == 15.0 and table.loc["a", "wf1_drop_std"] == pytest.approx(math.sqrt(50))
     assert math.isnan(table.loc["b", "wf1_drop_std"])
     md = robustness.to_markdown(robustness.summarise(rows))
-    assert "| tiny | a | 90.00 | +15.00 ± 7.07 |" in md and "| tiny | b | 90.00 | +5.00 |" in md
+    assert "drop without text" in md and "| tiny | a | 90.00 | +15.00 ± 7.07 |" in md and "| tiny | b | 90.00 | +5.00 |" in md
