@@ -117,17 +117,17 @@ def read_conversation(path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise ErcDataError(path, "no such file")
+    if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
+        raise ErcDataError(path, f"unknown format {path.suffix!r}: give a .csv or .jsonl file")
+    if not path.read_text(errors="replace").strip():
+        raise ErcDataError(path, "empty conversation: no utterances")
     try:
         if path.suffix.lower() == ".csv":
             table = pd.read_csv(path, dtype=str, keep_default_na=False)
-        elif path.suffix.lower() in (".jsonl", ".json"):
-            table = pd.read_json(path, lines=True, dtype=False)
         else:
-            raise ErcDataError(path, f"unknown format {path.suffix!r}: give a .csv or .jsonl file")
+            table = pd.read_json(path, lines=True, dtype=False)
     except (ValueError, pd.errors.ParserError) as e:
         raise ErcDataError(path, f"unreadable ({str(e).splitlines()[0]})") from None
-    except pd.errors.EmptyDataError:
-        table = pd.DataFrame()
     if not len(table):
         raise ErcDataError(path, "empty conversation: no utterances")
     if "speaker" not in table:
