@@ -60,6 +60,12 @@ def experiment_id(name: str = EXPERIMENT, uri: str | None = None) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def ui_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The runs page of an experiment in `mlflow ui`. MLflow 3.17's UI opens on its GenAI overview whatever the
+    experiment's kind (a browser setting, GenAI by default); `workflowType=machine_learning` opens the runs."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)

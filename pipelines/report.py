@@ -74,6 +74,7 @@ def main():
     best = report.mark_best_versions(client, runs)
     print(robustness.to_markdown(robust) if len(robust) else "no multimodal runs: no robustness table")
     print(f"report: {out / 'index.html'}; MLflow run {parent}; alias 'best' on {len(best)} registered models")
+    print(f"in `mlflow ui`: {tracking.ui_url(experiment)}")
 
 
 if __name__ == "__main__":
