@@ -144,6 +144,9 @@ def _vector(value, path, row: int, column: str) -> np.ndarray | None:
     try:
         if column.endswith("_path"):
             file = Path(value) if Path(value).is_absolute() else Path(path).parent / value
+            if file.suffix.lower() != ".npy":
+                raise ErcDataError(path, f"row {row + 1}: {column} {value!r} is not a .npy feature vector (raw media "
+                                         f"are not featurized here: give the model's precomputed features)")
             return np.asarray(np.load(file, allow_pickle=False), dtype=np.float32).reshape(-1)
         if isinstance(value, str):
             value = json.loads(value) if value.strip().startswith("[") else [float(x) for x in value.split()]
