@@ -284,6 +284,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     args = parser.parse_args(argv)
     try:
+        read_conversation(args.conversation)  # a bad file is reported before the model is fetched
         loaded = load_model(args.model, args.tracking_uri)
         frame = predict(args.conversation, loaded)
     except ErcDataError as e:
