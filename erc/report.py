@@ -69,7 +69,7 @@ class Evaluated:
     labels: dict = field(default_factory=dict)  # dataset -> label names
 
 
-def test_split(info: dict, data_dir, cache: dict):
+def held_out(info: dict, data_dir, cache: dict):
     """The test split of the model's dataset with the model's feature sets, from `data_dir` (loaded once)."""
     from erc.train import TrainConfig, load_task
 
@@ -89,7 +89,7 @@ def evaluate(runs: pd.DataFrame, data_dir, tracking_uri: str, progress=print) ->
     robust, gate_rows, confusions, labels, cache = [], [], {}, {}, {}
     for row in runs.itertuples():
         loaded = load_model(row.run_id, tracking_uri)
-        data = test_split(loaded.info, data_dir, cache)
+        data = held_out(loaded.info, data_dir, cache)
         names = loaded.info["labels"]
         labels[row.dataset] = names
         full = infer(loaded.model, data)
