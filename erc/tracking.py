@@ -247,8 +247,10 @@ def log_trained_model(client, cfg, task, checkpoint_dir, metrics: dict) -> str:
                                        description=f"erc {cfg.model} on {cfg.dataset} ({cfg.features_tag})")
     except Exception:  # it exists (an earlier seed or stage)
         pass
-    # source: the artifact location itself (a models:/ source is resolved through the global tracking URI)
+    # source: the logged model's artifact location (a models:/ source is resolved through the process-wide tracking
+    # URI, not the client's); the sqlite registry does not keep model_id, so the version's tags carry it too.
     client.create_model_version(name, source=logged.artifact_location, run_id=cfg.run_id, model_id=logged.model_id,
-                                tags={**tags, "feature_sets": json.dumps(info["feature_sets"], sort_keys=True)},
+                                tags={**tags, "model_id": logged.model_id,
+                                      "feature_sets": json.dumps(info["feature_sets"], sort_keys=True)},
                                 await_creation_for=0)
     return logged.model_id

@@ -77,7 +77,8 @@ def test_run_records_datasets_logged_model_and_registry(trained):
     assert {m.key for m in model.metrics} >= {"test_wf1", "test_acc"}
     assert {m.dataset_name for m in model.metrics} == {"tiny"}
     (version,) = client.search_model_versions(f"name='{NAME}'")
-    assert version.model_id == output.model_id and version.run_id == run_id
+    assert version.run_id == run_id and version.source == model.artifact_location
+    assert version.tags["model_id"] == output.model_id
     assert json.loads(version.tags["labels"]) == EMOTIONS
     assert version.tags["features"] == "audio:audio8+text:minilm"
     assert json.loads(version.tags["feature_sets"])["minilm"]["model"] == ENCODER["model"]
