@@ -4,6 +4,7 @@ by erc.tracking as the train stage records it (the model is not trained: only wh
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -42,23 +43,30 @@ def server(tiny_emotion, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # Its own process group: the server's workers go with it at the end. No job runner (its consumers are
+    # processes of their own, not needed to show runs).
     process = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host",
                                 "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+                               env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
+                                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
+        for _ in range(600):  # up to 5 minutes: minutes on a loaded 2-core machine
             try:
                 with urllib.request.urlopen(f"{base}/health", timeout=2):
                     break
             except OSError:
                 time.sleep(0.5)
         else:
-            pytest.fail("mlflow server did not answer /health within 120 s")
+            pytest.fail("mlflow server did not answer /health within 5 minutes")
         yield {"base": base, "experiment": experiment, "client": client}
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
 
 
 def wait_for_text(driver, text: str, seconds: float = 60) -> str:
