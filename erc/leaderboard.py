@@ -47,6 +47,21 @@ def run_files(paths, datasets: list[str], models: list[str]) -> tuple[list[Path]
     return taken, skipped
 
 
+def collect_run_files(paths, params: dict, *, source) -> list[Path]:
+    """The run lists of `paths` (folders of train stage outputs, or the outputs) for params' pipeline lists;
+    a folder's files of datasets or models no longer listed are named on stderr and left out."""
+    import sys
+
+    pipeline = params.get("pipeline") or {}
+    datasets, models = pipeline.get("datasets") or [], (pipeline.get("models") or []) + (pipeline.get("distilled") or [])
+    if not (datasets and models) and any(Path(p).is_dir() for p in paths):
+        raise ErcDataError(source, "pipeline: no datasets or no models listed, so no run lists to collect")
+    files, skipped = run_files(paths, datasets, models)
+    for path in skipped:
+        print(f"skipping {path} (not in params' pipeline lists)", file=sys.stderr)
+    return files
+
+
 def run_ids_from(files) -> list[str]:
     ids = []
     for f in files:

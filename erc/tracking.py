@@ -1,15 +1,28 @@
-"""MLflow: where runs go, what every run records, and the pictures it keeps."""
+"""MLflow: where runs go, what every run records, and the pictures it keeps.
+
+erc's experiments are marked as model-training experiments (MLflow 3 opens a GenAI overview otherwise).
+At the end of a run, `log_trained_model` records what the runs page shows without configuring anything:
+the data as dataset inputs (name, split, digest of the source checksums), the selected checkpoint as a
+logged model whose test metrics are linked to it, and that model in the model registry
+(`registered_name`), with its feature sets and label names, so that `erc predict` knows how to featurize.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 EXPERIMENT = "erc"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on the runs, not GenAI
+MODEL_INFO = "erc_model.json"  # in a logged model: what the model needs at prediction time
 
 
 def tracking_uri() -> str:
@@ -34,14 +47,23 @@ def experiment_id(name: str = EXPERIMENT, uri: str | None = None) -> str:
     client = mlflow.MlflowClient(uri or tracking_uri())
     found = client.get_experiment_by_name(name)
     if found is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if found.tags.get(key) != value:  # a store made before erc marked its experiments
+                client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
     location = None
     if (uri or tracking_uri()).startswith("sqlite:"):
         location = sqlite_artifact_root(uri or tracking_uri()).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created meanwhile by another process
         return client.get_experiment_by_name(name).experiment_id
+
+
+def ui_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The runs page of an experiment in `mlflow ui`. MLflow 3.17's UI opens on its GenAI overview whatever the
+    experiment's kind (a browser setting, GenAI by default); `workflowType=machine_learning` opens the runs."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def git_commit() -> str:
@@ -144,3 +166,93 @@ def log_environment(client, run_id: str) -> None:
         path = Path(tmp) / "requirements.txt"
         path.write_text(f"# python {env['python']}\n" + "".join(f"{k}=={v}\n" for k, v in env.items() if k != "python"))
         client.log_artifact(run_id, str(path), "environment")
+
+
+# ---------------------------------------------------------------- datasets, logged models, the registry
+
+
+def dataset_digest(sources: dict, split: str, inputs: dict) -> str:
+    """A split's digest: the source files' sha256 checksums, the split and the feature sets fed to the model."""
+    blob = json.dumps({"sources": sources, "split": split, "inputs": inputs}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dataset_inputs(dataset: str, meta: dict, inputs: dict, source: str) -> list:
+    """One MLflow dataset input per split (context train/valid/test) of a prepared dataset."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    found = []
+    for split, counts in (meta.get("counts") or {}).items():
+        profile = {"utterances": counts.get("utterances"), "dialogues": counts.get("dialogues")}
+        data = Dataset(name=dataset, digest=dataset_digest(meta.get("sources", {}), split, inputs),
+                       source_type="local", source=json.dumps({"uri": source, "split": split, "inputs": inputs}),
+                       profile=json.dumps(profile))
+        found.append(DatasetInput(data, tags=[InputTag("mlflow.data.context", split)]))
+    return found
+
+
+def registered_name(dataset: str, model: str, tags: dict) -> str:
+    """The registry name of a run's model: erc-<dataset>-<model>, plus its variant and role where not default."""
+    parts = ["erc", dataset, model]
+    if tags.get("variant", "default") != "default":
+        parts.append(tags["variant"])
+    if tags.get("role"):
+        parts.append(tags["role"])
+    return "-".join(parts)
+
+
+def model_info(cfg, task) -> dict:
+    """What prediction needs besides the weights: labels, the feature set of each modality and how it was made."""
+    features = {name: {k: v for k, v in task.prepared.features[name].describe().items() if k != "source"}
+                for name in cfg.inputs.values()}
+    return {"model": cfg.model, "dataset": cfg.dataset, "target": task.target, "labels": list(task.labels),
+            "inputs": dict(cfg.inputs), "feature_sets": features, "has_score": task.has_score}
+
+
+def log_trained_model(client, cfg, task, checkpoint_dir, metrics: dict) -> str:
+    """The run's dataset inputs, its selected checkpoint as a logged model (with `MODEL_INFO` and, for a model
+    that distils from a teacher, the teacher's checkpoint under teacher/), its test metrics linked to the model,
+    and a new version of the model in the registry. Returns the logged model's id."""
+    from mlflow.entities import LoggedModelOutput, Metric
+
+    run = client.get_run(cfg.run_id)
+    datasets = dataset_inputs(cfg.dataset, task.prepared.meta, dict(cfg.inputs), cfg.prepared)
+    client.log_inputs(cfg.run_id, datasets=datasets)
+    info = model_info(cfg, task)
+    name = registered_name(cfg.dataset, cfg.model, run.data.tags)
+    tags = {"dataset": cfg.dataset, "features": cfg.features_tag, "labels": json.dumps(info["labels"]),
+            "seed": str(cfg.seed), "erc_model": cfg.model}
+    logged = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=cfg.run_id, tags=tags,
+                                        params={"features": cfg.features_tag, "model": cfg.model}, model_type="erc")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for f in Path(checkpoint_dir).iterdir():
+                shutil.copy2(f, Path(tmp) / f.name)
+            teacher = (cfg.model_config or {}).get("teacher_checkpoint")
+            if teacher:
+                shutil.copytree(teacher, Path(tmp) / "teacher")
+            (Path(tmp) / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+            client.log_model_artifacts(logged.model_id, tmp)
+        client.finalize_logged_model(logged.model_id, "READY")
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    client.log_outputs(cfg.run_id, [LoggedModelOutput(logged.model_id, 0)])
+    test = next((d.dataset for d in datasets if d.tags[0].value == "test"), None)
+    now = int(time.time() * 1000)
+    linked = {k: v for k, v in metrics.items() if k.startswith("test_")}
+    client.log_batch(cfg.run_id, metrics=[
+        Metric(k, float(v), now, 0, model_id=logged.model_id, dataset_name=test.name if test else None,
+               dataset_digest=test.digest if test else None) for k, v in linked.items()])
+    try:
+        client.create_registered_model(name, tags={"dataset": cfg.dataset, "erc_model": cfg.model},
+                                       description=f"erc {cfg.model} on {cfg.dataset} ({cfg.features_tag})")
+    except Exception:  # it exists (an earlier seed or stage)
+        pass
+    # source: the logged model's artifact location (a models:/ source is resolved through the process-wide tracking
+    # URI, not the client's); the sqlite registry does not keep model_id, so the version's tags carry it too.
+    client.create_model_version(name, source=logged.artifact_location, run_id=cfg.run_id, model_id=logged.model_id,
+                                tags={**tags, "model_id": logged.model_id,
+                                      "feature_sets": json.dumps(info["feature_sets"], sort_keys=True)},
+                                await_creation_for=0)
+    return logged.model_id

@@ -246,12 +246,13 @@ def save_checkpoint(directory, model, cfg: TrainConfig, task: Task, epoch: int, 
          "train_config": asdict(cfg), "metrics": metrics}, indent=2) + "\n")
 
 
-def load_checkpoint(directory):
-    """The model saved by `save_checkpoint`, and its metadata (weights only: no code is unpickled)."""
+def load_checkpoint(directory, config_overrides: dict | None = None):
+    """The model saved by `save_checkpoint`, and its metadata (weights only: no code is unpickled).
+    `config_overrides` replace model config values (a teacher checkpoint that now lives elsewhere)."""
     directory = Path(directory)
     info = json.loads((directory / "model.json").read_text())
     state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
-    model = build_model(info["model"], ModelSpec(**info["spec"]), info["model_config"])
+    model = build_model(info["model"], ModelSpec(**info["spec"]), {**info["model_config"], **(config_overrides or {})})
     model.load_state_dict(state["state_dict"])
     return model.eval(), info
 
@@ -551,6 +552,7 @@ def finish_run(cfg: TrainConfig, task: Task, stepper, best_weights: dict, state:
         tracking.log_predictions(client, cfg.run_id, task, pred)
         tracking.log_confusion(client, cfg.run_id, cm, task.labels,
                                f"{cfg.dataset} {cfg.model} seed {cfg.seed}: test (epoch {state['best_epoch']})")
+        tracking.log_trained_model(client, cfg, task, tmp, test)  # datasets, logged model, registry
     client.log_batch(cfg.run_id, metrics=[_metric(k, v) for k, v in test.items()])
     client.set_terminated(cfg.run_id, "FINISHED")
 

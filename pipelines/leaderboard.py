@@ -8,7 +8,6 @@ models are params' `pipeline` lists. Run-list files may also be named one by one
 """
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import mlflow
 import pandas as pd
 
 from erc import leaderboard
-from erc.errors import ErcDataError
 from erc.io import atomic_path, write_json
 from erc.params import load_params, stage_main
 from erc.tracking import tracking_uri
@@ -31,13 +29,7 @@ def main():
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
 
-    pipeline = load_params(args.params).get("pipeline") or {}
-    datasets, models = pipeline.get("datasets") or [], (pipeline.get("models") or []) + (pipeline.get("distilled") or [])
-    if not (datasets and models) and any(Path(p).is_dir() for p in args.runs):
-        raise ErcDataError(args.params, "pipeline: no datasets or no models listed, so no run lists to collect")
-    files, skipped = leaderboard.run_files(args.runs, datasets, models)
-    for path in skipped:
-        print(f"leaderboard: skipping {path} (not in params' pipeline lists)", file=sys.stderr)
+    files = leaderboard.collect_run_files(args.runs, load_params(args.params), source=args.params)
     client = mlflow.MlflowClient(tracking_uri())
     runs = leaderboard.fetch_runs(client, leaderboard.run_ids_from(sorted(files)))
     predictions = {}

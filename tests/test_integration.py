@@ -94,6 +94,8 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert set(board["dataset"]) == {"mosi", "meld", "iemocap"}
     assert (board["n_seeds"] >= 3).all()
     assert json.loads((clone / "reports/metrics.json").read_text()).keys() == {"mosi", "meld", "iemocap"}
+    robust = pd.read_csv(clone / "reports/report/robustness.csv")  # the report: MELD is text only, nothing to remove
+    assert set(robust["dataset"]) == {"mosi", "iemocap"} and "<table" in (clone / "reports/report/index.html").read_text()
     again = subprocess.run(["dvc", "repro"], cwd=clone, env=env, check=True, capture_output=True, text=True)
     assert "Running stage" not in again.stdout  # its wall time is measured by benchmarks/throughput.py --repro
 

@@ -98,7 +98,7 @@ def test_output_shapes_and_loss_terms(emotion_task, mosi_task, which, modalities
 
 def test_gate_depends_on_the_utterance_and_its_temperature(emotion_task):
     batch = emotion_task.splits["train"].collate([0, 1])
-    real = batch.mask
+    real = batch.mask & batch.modality_mask["audio"]  # every expert available (see the missing-modality test)
     with torch.no_grad():
         gate = model_of(emotion_task.spec).eval()(batch).extras["gate"][real]
         flat = model_of(emotion_task.spec, gate_temperature=1e6).eval()(batch).extras["gate"][real]
@@ -140,12 +140,20 @@ def test_missing_modality_rows_are_masked(emotion_task):
     torch.testing.assert_close(after.logits, before.logits)
     for name in before.losses:
         torch.testing.assert_close(after.losses[name], before.losses[name])
-    # Marked present (with the same zero input), the speech view joins SupCon: only that term changes.
+    # Missing, the utterance's speech and cross-modal experts get no gate weight: only the text expert's logits.
+    assert before.extras["gate"][0, pos].tolist() == [0.0, 1.0, 0.0]
+    torch.testing.assert_close(before.logits[0, pos], before.extras["expert_logits"][0, pos, 1])
+    # Marked present (with the same zero input), the speech view joins SupCon and the gate takes all three
+    # experts: zeros posing as audio are not the same as missing audio, and only that utterance changes.
     batch.features["audio"][0, pos] = 0.0
     batch.modality_mask["audio"][0, pos] = True
     with torch.no_grad():
         present = model(batch)
-    torch.testing.assert_close(present.logits, before.logits)
+    assert (present.extras["gate"][0, pos] > 0).all()
+    assert not torch.allclose(present.logits[0, pos], before.logits[0, pos])
+    others = torch.ones_like(batch.mask)
+    others[0, pos] = False
+    torch.testing.assert_close(present.logits[others], before.logits[others])
     assert abs(float(present.losses["supcon"]) - float(before.losses["supcon"])) > 1e-6
 
 

@@ -100,6 +100,10 @@ def test_missing_modality_rows_are_masked(emotion_task):
     after = model(batch)
     torch.testing.assert_close(after.logits, before.logits)
     torch.testing.assert_close(after.extras["logits_audio"], before.extras["logits_audio"])
+    # The multimodal gate gives the missing audio no weight, and only there.
+    audio = model.modalities.index("audio")
+    assert before.extras["gate"][0, pos, audio] == 0
+    assert (before.extras["gate"][0, :, audio][batch.mask[0] & batch.modality_mask["audio"][0]] > 0).all()
 
 
 @pytest.mark.parametrize("which", ["emotion", "mosi"])
@@ -299,6 +303,9 @@ def test_outputs_match_the_padded_implementation(mosi_task):
     model = build_model("sdt", spec, SMALL).eval()
     batch = with_video(mosi_task.splits["train"].collate([0, 1, 2, 3]))
     assert batch.mask.sum(1).tolist() == [7, 4, 5, 7]  # padding in the middle two dialogues
+    # The reference predates the modality mask in the multimodal gate: the fixture's utterance without audio
+    # (zero features) is marked present, which is how that implementation saw it.
+    batch.modality_mask["audio"] = batch.mask.clone()
     with torch.no_grad():
         out = model(batch)
     assert {k: float(v) for k, v in out.losses.items()} == pytest.approx(PADDED_REFERENCE["losses"], rel=1e-5)

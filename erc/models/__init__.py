@@ -5,6 +5,11 @@ A model is an `nn.Module` built as `Model(config, spec)`:
 - `spec`: what the data gives it (`ModelSpec`: feature dim per modality, classes, score head or not).
 `forward(batch: Batch) -> ModelOutput` returns per-utterance logits (and a sentiment score where the
 dataset has one) and a dict of named, already-weighted loss terms whose sum is the training loss.
+
+Every model reads the same outputs the same way: `probabilities(out)` gives the per-utterance class
+probabilities, and `gates(model, batch, out)` the weights of each of its gates or routers over named experts
+(or modalities) as `Gates`; a model with gates says so with a `gates(batch, out)` method, a model without has
+none. A missing modality is the batch's `modality_mask` set False; each model documents what it does then.
 """
 
 from __future__ import annotations
@@ -37,6 +42,33 @@ class ModelOutput:
     @property
     def loss(self) -> torch.Tensor:
         return sum(self.losses.values())
+
+
+@dataclass
+class Gates:
+    """One gate or router of a model: per-utterance weights over named experts (or modalities).
+
+    weights: (B, T, E), each valid row sums to 1 (zeros for the experts a sparse router did not choose).
+    valid: (B, T) bool, the utterances this gate ran on real input for (padding and, for a per-modality
+    router, utterances missing that modality are out).
+    top_k: the experts a sparse router keeps per utterance; None for a dense (soft) gate.
+    """
+
+    names: list[str]
+    weights: torch.Tensor
+    valid: torch.Tensor
+    top_k: int | None = None
+
+
+def probabilities(out: ModelOutput) -> torch.Tensor:
+    """(B, T, C) class probabilities of the model's prediction."""
+    return out.logits.float().softmax(-1)
+
+
+def gates(model: torch.nn.Module, batch, out: ModelOutput) -> dict[str, Gates]:
+    """The model's gates and routers on this batch by name (`{}` for a model without any)."""
+    method = getattr(model, "gates", None)
+    return method(batch, out) if method is not None else {}
 
 
 def register(name: str):

@@ -3,6 +3,8 @@
 Dutta, Balaji and Ganapathy, arXiv 2602.23300 (2026); official code iiscleap/MiSTER-E @bb4bff9
 (`hierarchical_moe.py`, `train_moe.py`). Stage 2 only: the paper's stage 1 (LoRA-tuned LLM utterance
 encoders) is replaced by whatever features erc feeds; speech is erc's "audio" modality.
+Reported weighted F1 (abstract; epochs selected on the test split, see below): IEMOCAP-6 70.9, MELD 69.5,
+MOSI 87.9.
 
 Forward pass, per dialogue (B dialogues, T utterances):
 - speech expert and text expert, one per modality: parallel Conv1d over the utterance axis, kernels 1, 3 and 5
@@ -66,6 +68,9 @@ Choices where neither says
   term (it would equal "focal_mix" and only double it).
 - An utterance whose modality is missing (`modality_mask` False) gets zero features for it; the experts
   still give it a state from the dialogue context, and its missing view is left out of the SupCon loss.
+  The gate gives no weight to an expert whose input the utterance lacks (the speech expert without audio,
+  the text expert without text, the cross-modal expert without either) and renormalises over the others, so
+  the prediction comes from experts that saw the utterance (one lacking both modalities keeps all experts).
 - Class weights (when given) weight every focal term; SupCon and KL are unweighted.
 - Continuous sentiment (MOSI): each expert has a Linear score head on its final state, and the score is
   the gate-weighted sum of the expert scores, trained with L1 like the baseline.
@@ -81,7 +86,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from erc.data.dialogues import IGNORE, Batch
-from erc.models import ModelOutput, ModelSpec, register
+from erc.models import Gates, ModelOutput, ModelSpec, register
 from erc.models.blocks import (AttentionBlock, MaskedBiGRU, MaskedConv1d, focal_loss, score_l1,
                                supervised_contrastive, symmetric_kl)
 
@@ -182,8 +187,12 @@ class Gate(nn.Module):
                                  nn.Linear(hidden, num_experts))
         self.temperature = temperature
 
-    def forward(self, expert_logits: torch.Tensor) -> torch.Tensor:  # (B, T, E, C) -> (B, T, E)
-        return (self.mlp(expert_logits.flatten(-2)) / self.temperature).softmax(-1)
+    def forward(self, expert_logits: torch.Tensor, available: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, E, C) -> (B, T, E); `available` (B, T, E) bool: experts that may get weight (None: all)."""
+        scores = self.mlp(expert_logits.flatten(-2)) / self.temperature
+        if available is not None:
+            scores = scores.masked_fill(~available, float("-inf"))
+        return scores.softmax(-1)
 
 
 @register("mister_e")
@@ -212,6 +221,20 @@ class MisterE(nn.Module):
         weights = torch.tensor(spec.class_weights, dtype=torch.float32) if spec.class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
 
+    def available(self, batch: Batch) -> torch.Tensor:
+        """(B, T, E) bool: the experts whose input each utterance has; all of them where it has none."""
+        has = {EXPERT_OF[m]: batch.modality_mask[m] for m in self.modalities}
+        if self.cross is not None:
+            has["cross"] = has["speech"] & has["text"]
+        available = torch.stack([has[n] for n in self.expert_names], dim=-1)
+        return available | ~available.any(-1, keepdim=True)
+
+    def gates(self, batch: Batch, out: ModelOutput) -> dict[str, Gates]:
+        """The gate over the experts (speech, text, cross), per utterance; none with a single expert."""
+        if self.gate is None:
+            return {}
+        return {"gate": Gates(list(self.expert_names), out.extras["gate"], batch.mask)}
+
     def forward(self, batch: Batch) -> ModelOutput:
         cfg, mask = self.config, batch.mask
         # A missing modality of an utterance is zero input (padding is zero already).
@@ -227,7 +250,7 @@ class MisterE(nn.Module):
 
         stacked = torch.stack([logits[n] for n in self.expert_names], dim=-2)  # (B, T, E, C)
         if self.gate is not None:
-            gate = self.gate(stacked)  # (B, T, E)
+            gate = self.gate(stacked, self.available(batch))  # (B, T, E)
         else:
             gate = stacked.new_ones(stacked.shape[:-1])
         mixed = (gate.unsqueeze(-1) * stacked).sum(-2)  # (B, T, C)

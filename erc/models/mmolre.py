@@ -34,8 +34,8 @@ Departures from the paper, forced by the data here
 - `dialogue_context="gru"` (a switch, off by default) adds the smallest dialogue-context layer that keeps the
   paper's design: after each modality's input projection, a bidirectional GRU over the dialogue's utterances,
   added residually (x + GRU(x)), so the experts see a context-aware vector per utterance; everything after it
-  is unchanged. The leaderboard runs it as the variant `mmolre` with `models.mmolre.dialogue_context: gru`
-  where it helps on validation.
+  is unchanged. It is not yet on the leaderboard: whether it helps on validation is still to be measured
+  (`--set models.mmolre.dialogue_context=gru`).
 - An input projection (Linear -> LayerNorm -> dropout) maps each modality to `hidden`, so any feature
   dim works; with the paper's 768-d features it would be a learned 768 -> 768 map.
 - The paper evaluates on MOSI/MOSEI (sentiment score + emotion labels). Here the tasks follow the data:
@@ -94,7 +94,7 @@ import torch
 from torch import nn
 
 from erc.data.dialogues import IGNORE, Batch
-from erc.models import ModelOutput, ModelSpec, register
+from erc.models import Gates, ModelOutput, ModelSpec, register
 from erc.models.blocks import LowRankExpert, MaskedBiGRU, cross_entropy, load_balance, score_l1, top_k_gates
 
 
@@ -203,6 +203,22 @@ class MMoLRE(nn.Module):
         self.score_head = nn.Linear(d, 1) if spec.has_score else None
         weights = torch.tensor(spec.class_weights, dtype=torch.float32) if spec.class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
+
+    def gates(self, batch: Batch, out: ModelOutput) -> dict[str, Gates]:
+        """Each UniTSE router (`router.<modality>.<task>.<block>`, over the utterances that have the modality)
+        and each task's fusion over the modalities (`fusion.<task>`, with two or more modalities)."""
+        found = {}
+        for m in self.modalities:
+            for t in self.tasks:
+                experts = [f"shared{e}" for e in range(self.config.num_shared)] + [f"{t}-specific"]
+                for i in range(self.config.num_blocks):
+                    found[f"router.{m}.{t}.{i}"] = Gates(experts, out.extras[f"gates_{m}_{t}_{i}"],
+                                                         batch.modality_mask[m] & batch.mask, self.config.top_k)
+        if len(self.modalities) > 1:
+            some = torch.stack([batch.modality_mask[m] for m in self.modalities]).any(0) & batch.mask
+            for t in self.tasks:
+                found[f"fusion.{t}"] = Gates(list(self.modalities), out.extras[f"fusion_{t}"], some)
+        return found
 
     def forward(self, batch: Batch) -> ModelOutput:
         extras, balance = {}, []

@@ -71,6 +71,8 @@ Choices where neither says
 - A missing modality for an utterance (modality_mask False) enters as zero features (the kernel-1 convolution
   is masked by the modality mask); the utterance still takes part in attention through its position and
   speaker embeddings, so a dialogue without a modality still has keys to attend to.
+  The multimodal gate gives that modality no weight: its softmax runs over the modalities the utterance has
+  (an utterance with none keeps them all), so the fused state comes from the modalities it really has.
 - MOSI score: Linear(h → 1) on the fused representation, L1 loss weighted by `score_weight` (as the baseline).
 - MELD's sentiment labels are not used: SDT is single-task.
 - `extras["gate"]` is the multimodal gate (B, T, M): the per-unit softmax weights averaged over the hidden
@@ -85,7 +87,7 @@ import torch
 from torch import nn
 
 from erc.data.dialogues import IGNORE, Batch
-from erc.models import ModelOutput, ModelSpec, register
+from erc.models import Gates, ModelOutput, ModelSpec, register
 from erc.models.blocks import (AttentionBlock, Dropout, MaskedConv1d, Packing, cross_entropy, kl_distill, score_l1,
                                sinusoidal_positions)
 
@@ -132,8 +134,10 @@ class MultimodalGate(nn.Module):
         super().__init__()
         self.fc = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (..., M, h)
-        weights = self.fc(states).softmax(dim=-2)  # (..., M, h)
+    def forward(self, states: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """states (..., M, h); present (..., M) bool, the modalities that may get weight."""
+        present = present | ~present.any(-1, keepdim=True)  # none present: all of them
+        weights = self.fc(states).masked_fill(~present.unsqueeze(-1), float("-inf")).softmax(dim=-2)  # (..., M, h)
         return (weights * states).sum(-2), weights  # (..., h), (..., M, h)
 
 
@@ -169,6 +173,12 @@ class SDT(nn.Module):
         weights = torch.tensor(spec.class_weights, dtype=torch.float32) if spec.class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
 
+    def gates(self, batch: Batch, out: ModelOutput) -> dict[str, Gates]:
+        """The multimodal gate over the modalities (averaged over the hidden units); none with one modality."""
+        if self.multimodal_gate is None:
+            return {}
+        return {"modality_gate": Gates(list(self.modalities), out.extras["gate"], batch.mask)}
+
     def forward(self, batch: Batch) -> ModelOutput:
         cfg, mask = self.config, batch.mask
         T = mask.shape[1]
@@ -195,7 +205,8 @@ class SDT(nn.Module):
 
         # Multimodal gate and heads; outputs back in the padded layout (padded utterances: zeros, a uniform gate).
         if self.multimodal_gate is not None:
-            fused, gate = self.multimodal_gate(states)  # (N, h), (N, M, h)
+            present = torch.stack([real.pack(batch.modality_mask[m]) for m in self.modalities], dim=-1)  # (N, M)
+            fused, gate = self.multimodal_gate(states, present)  # (N, h), (N, M, h)
         else:
             fused, gate = states[:, 0], torch.ones_like(states)
         out = ModelOutput(logits=real.unpack(self.fused_head(fused)),  # (B, T, C)

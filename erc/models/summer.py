@@ -96,7 +96,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from erc.data.dialogues import IGNORE, Batch
-from erc.models import ModelOutput, ModelSpec, register
+from erc.models import Gates, ModelOutput, ModelSpec, register
 from erc.models.blocks import (AttentionBlock, cross_entropy, kl_distill, load_balance, score_l1, sinusoidal_positions,
                                top_k_gates)
 
@@ -302,6 +302,17 @@ class Summer(nn.Module):
         if self.teacher is not None:
             self.teacher.eval()  # frozen: no dropout, ever
         return self
+
+    def gates(self, batch: Batch, out: ModelOutput) -> dict[str, Gates]:
+        """Each SDMoE router (`router.<modality>.<layer>`, over the utterances that have the modality) and the
+        HCMF level-2 pooling over the unimodal and pair states (`hcmf`)."""
+        experts = [f"expert{e}" for e in range(self.config.num_experts)]
+        found = {f"router.{m}.{layer}": Gates(experts, out.extras[f"router.{m}.{layer}"],
+                                              batch.mask & batch.modality_mask[m], self.config.top_k)
+                 for m in self.modalities for layer in range(self.config.sdmoe_layers)}
+        if len(self.fusion_tokens) > 1:
+            found["hcmf"] = Gates(list(self.fusion_tokens), out.extras["hcmf_weights"], batch.mask)
+        return found
 
     def embed(self, batch: Batch, m: str) -> torch.Tensor:
         """(B, T, D_m) features -> (B, T, H): projection (zero where missing) + positions + speaker."""

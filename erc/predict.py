@@ -1,0 +1,300 @@
+"""`erc predict`: a trained model on a new conversation: each utterance's emotion, class probabilities and gates.
+
+    erc predict conversation.csv --model erc-iemocap-mister_e@best          # a registered model and alias
+    erc predict conversation.jsonl --model erc-meld-sdt/3 --json            # ... and version, as JSON
+    erc predict conversation.csv --model 0f3c...e1                          # an MLflow run id
+
+The conversation is a CSV or JSONL file, one utterance per row in turn order: `speaker` and `text`, and
+optionally precomputed features per modality, `<modality>_features` (a list of numbers; in a CSV cell a JSON
+list or numbers separated by spaces) or `<modality>_path` (a .npy file holding the vector), e.g.
+`audio_features`. An optional `dialogue_id` column holds several conversations. Text is featurized with the
+encoder recorded with the model's feature set (`erc.features`); a modality the file does not give, or a row
+with an empty cell, is missing for the model: its modality mask is False, the model's own missing-modality
+path. Every logged erc model carries its feature-set names, their dims and encoders, and its label names
+(`erc.tracking.MODEL_INFO`), and its feature standardisation in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from erc.data.dialogues import IGNORE, Dialogue, DialogueData
+from erc.errors import ErcDataError
+from erc.inference import Outputs, infer
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    info: dict  # tracking.MODEL_INFO: labels, inputs, feature sets
+    stats: dict  # feature set -> (mean, std) of the training split
+    source: str  # how it was found, for messages
+
+
+# ---------------------------------------------------------------- finding and loading the model
+
+
+def _logged_model(client, model_id: str, source: str) -> str:
+    try:
+        return client.get_logged_model(model_id).artifact_location
+    except Exception:
+        raise ErcDataError(source, f"logged model {model_id} not found in the tracking store") from None
+
+
+def model_location(client, ref: str) -> tuple[str, str]:
+    """(artifact URI, description) of a run id, models:/<model id>, or a registered name[/version | @alias]
+    (with or without models:/; a name alone is its latest version)."""
+    ref = ref.strip()
+    target = ref[len("models:/"):] if ref.startswith("models:/") else ref
+    if RUN_ID.match(target):
+        try:
+            run = client.get_run(target)
+        except Exception:
+            raise ErcDataError(f"mlflow run {target}", "not found in the tracking store") from None
+        outputs = run.outputs.model_outputs if run.outputs else []
+        if not outputs:
+            raise ErcDataError(f"mlflow run {target}", "has no logged model (trained before erc logged models?)")
+        return _logged_model(client, outputs[-1].model_id, f"mlflow run {target}"), f"run {target}"
+    if target.startswith("m-"):
+        return _logged_model(client, target, f"model {ref}"), f"logged model {target}"
+    name, alias, version = target, None, None
+    if "@" in target:
+        name, alias = target.split("@", 1)
+    elif "/" in target:
+        name, version = target.rsplit("/", 1)
+    try:
+        if alias:
+            mv = client.get_model_version_by_alias(name, alias)
+        elif version:
+            mv = client.get_model_version(name, version)
+        else:
+            mv = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    except Exception:
+        raise ErcDataError(f"registered model {ref}", "not found in the model registry") from None
+    return client.get_model_version_download_uri(name, mv.version), f"{name} version {mv.version}"
+
+
+def load_model(ref: str, tracking_uri: str | None = None) -> LoadedModel:
+    """The model named by `ref` (see `model_location`), its prediction info and feature statistics."""
+    import mlflow
+
+    from erc import tracking
+    from erc.train import load_checkpoint
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    uri = tracking_uri or tracking.tracking_uri()
+    location, source = model_location(mlflow.MlflowClient(uri), ref)
+    with tempfile.TemporaryDirectory(prefix="erc-model-") as download:
+        tmp = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=download, tracking_uri=uri))
+        info_path = tmp / tracking.MODEL_INFO
+        if not info_path.is_file():
+            raise ErcDataError(source, f"has no {tracking.MODEL_INFO}: not an erc model")
+        info = json.loads(info_path.read_text())
+        # A distilling model's teacher travels with it; the weights of both are in model.pt (weights only).
+        overrides = {"teacher_checkpoint": str(tmp / "teacher")} if (tmp / "teacher").is_dir() else None
+        model, _ = load_checkpoint(tmp, overrides)
+        state = torch.load(tmp / "model.pt", map_location="cpu", weights_only=True)
+    stats = {name: (s["mean"].numpy(), s["std"].numpy()) for name, s in state["feature_stats"].items()}
+    return LoadedModel(model.eval(), info, stats, source)
+
+
+# ---------------------------------------------------------------- reading the conversation
+
+
+def read_conversation(path) -> pd.DataFrame:
+    """The utterances of a CSV or JSONL file, with a `speaker` column and a `dialogue_id` (one if absent)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ErcDataError(path, "no such file")
+    if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
+        raise ErcDataError(path, f"unknown format {path.suffix!r}: give a .csv or .jsonl file")
+    if not path.read_text(errors="replace").strip():
+        raise ErcDataError(path, "empty conversation: no utterances")
+    try:
+        if path.suffix.lower() == ".csv":
+            table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        else:
+            table = pd.read_json(path, lines=True, dtype=False)
+    except (ValueError, pd.errors.ParserError) as e:
+        raise ErcDataError(path, f"unreadable ({str(e).splitlines()[0]})") from None
+    if not len(table):
+        raise ErcDataError(path, "empty conversation: no utterances")
+    if "speaker" not in table:
+        raise ErcDataError(path, f"no 'speaker' column (columns: {list(table.columns)})")
+    if "dialogue_id" not in table:
+        table["dialogue_id"] = "conversation"
+    return table.reset_index(drop=True)
+
+
+def _vector(value, path, row: int, column: str) -> np.ndarray | None:
+    """One utterance's feature vector from a cell (None where the cell is empty)."""
+    if value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        if column.endswith("_path"):
+            file = Path(value) if Path(value).is_absolute() else Path(path).parent / value
+            if file.suffix.lower() != ".npy":
+                raise ErcDataError(path, f"row {row + 1}: {column} {value!r} is not a .npy feature vector (raw media "
+                                         f"are not featurized here: give the model's precomputed features)")
+            return np.asarray(np.load(file, allow_pickle=False), dtype=np.float32).reshape(-1)
+        if isinstance(value, str):
+            value = json.loads(value) if value.strip().startswith("[") else [float(x) for x in value.split()]
+        vector = np.asarray(value, dtype=np.float32).reshape(-1)
+    except (OSError, ValueError, TypeError) as e:
+        raise ErcDataError(path, f"row {row + 1}: {column} is not a feature vector ({str(e).splitlines()[0]})") from None
+    return vector
+
+
+def modality_features(table: pd.DataFrame, path, loaded: LoadedModel, *, encoder=None):
+    """{modality: (N, D) raw features}, {modality: (N,) present} for the modalities the model takes."""
+    features, present = {}, {}
+    for modality, name in loaded.info["inputs"].items():
+        fs = loaded.info["feature_sets"][name]
+        dim = int(fs["dim"])
+        columns = [c for c in (f"{modality}_features", f"{modality}_path") if c in table]
+        if columns:
+            values, has = np.zeros((len(table), dim), dtype=np.float32), np.zeros(len(table), dtype=bool)
+            for i in range(len(table)):
+                vector = next((v for c in columns if (v := _vector(table[c].iloc[i], path, i, c)) is not None), None)
+                if vector is None:
+                    continue
+                if vector.shape[0] != dim:
+                    raise ErcDataError(path, f"row {i + 1}: {modality} features have {vector.shape[0]} values; the "
+                                             f"model's {modality} feature set {name!r} has {dim}")
+                if not np.isfinite(vector).all():
+                    raise ErcDataError(path, f"row {i + 1}: {modality} features contain NaN/inf")
+                values[i], has[i] = vector, True
+        elif modality == "text" and fs.get("model"):
+            if "text" not in table:
+                raise ErcDataError(path, f"no 'text' column (the model reads text through {fs['model']})")
+            texts = table["text"].fillna("").astype(str).tolist()
+            values, has = encode_text(texts, fs, encoder), np.array([bool(t.strip()) for t in texts])
+            if values.shape[1] != dim:
+                raise ErcDataError(path, f"text encoder {fs['model']} gives {values.shape[1]}-d vectors; "
+                                         f"the model's feature set {name!r} has {dim}")
+        else:  # not given and not computable here: missing for every utterance (the mask path)
+            values, has = np.zeros((len(table), dim), dtype=np.float32), np.zeros(len(table), dtype=bool)
+        features[modality], present[modality] = values, has
+    if not any(h.any() for h in present.values()):
+        wanted = ", ".join(f"{m}_features" for m in loaded.info["inputs"])
+        raise ErcDataError(path, f"no input the model can use: give one of {wanted}"
+                                 + (" or text" if "text" in loaded.info["inputs"] else ""))
+    return features, present
+
+
+def encode_text(texts: list[str], feature_set: dict, encoder=None) -> np.ndarray:
+    """Texts -> vectors with the feature set's recorded encoder (`erc.features`); `encoder` = (tokenizer, model)."""
+    from erc.features import encode_texts, load_encoder
+
+    tokenizer, model = encoder or load_encoder(feature_set["model"])
+    values, _ = encode_texts(texts, tokenizer, model, max_length=feature_set.get("max_length", 128),
+                             pooling=feature_set.get("pooling", "mean"), progress=False)
+    return values
+
+
+def conversation_data(table: pd.DataFrame, features: dict, present: dict, stats: dict, inputs: dict) -> DialogueData:
+    """The conversation(s) as dialogues, features standardised with the training split's statistics."""
+    standard = {}
+    for m, values in features.items():
+        mean, std = stats[inputs[m]]
+        standard[m] = np.where(present[m][:, None], (values - mean) / std, 0.0).astype(np.float32)
+    dialogues = []
+    for _, rows in table.groupby("dialogue_id", sort=False).groups.items():
+        rows = np.asarray(rows, dtype=np.int64)
+        speakers = table["speaker"].to_numpy()[rows]
+        first = {s: i for i, s in enumerate(dict.fromkeys(speakers))}
+        n = len(rows)
+        dialogues.append(Dialogue(rows, np.array([first[s] for s in speakers]), np.full(n, IGNORE), np.full(n, IGNORE),
+                                  np.full(n, np.nan, dtype=np.float32)))
+    return DialogueData(dialogues, standard, present)
+
+
+# ---------------------------------------------------------------- predicting
+
+
+def to_frame(table: pd.DataFrame, outputs: Outputs, labels: list[str]) -> pd.DataFrame:
+    """One row per utterance: dialogue, speaker, text, predicted label, p_<label>, gate.<gate>.<expert>[, score]."""
+    out = pd.DataFrame({"dialogue_id": table["dialogue_id"].to_numpy()[outputs.rows],
+                        "speaker": table["speaker"].to_numpy()[outputs.rows],
+                        "text": (table["text"] if "text" in table else pd.Series([""] * len(table))).to_numpy()[outputs.rows],
+                        "emotion": np.asarray(labels, dtype=object)[outputs.pred]})
+    for c, label in enumerate(labels):
+        out[f"p_{label}"] = outputs.probs[:, c]
+    for name, g in outputs.gates.items():
+        for e, expert in enumerate(g.names):
+            out[f"gate.{name}.{expert}"] = np.where(g.valid, g.weights[:, e], np.nan)
+    if outputs.score is not None:
+        out["score"] = outputs.score
+    return out
+
+
+def predict(conversation, model: str | LoadedModel, *, tracking_uri: str | None = None, encoder=None) -> pd.DataFrame:
+    """Each utterance of `conversation` (a CSV/JSONL path) with the emotion `model` predicts (a run id, a registered
+    name with /version or @alias, models:/..., or a `load_model` result), its class probabilities and gates."""
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, tracking_uri)
+    table = read_conversation(conversation)
+    features, present = modality_features(table, conversation, loaded, encoder=encoder)
+    data = conversation_data(table, features, present, loaded.stats, loaded.info["inputs"])
+    return to_frame(table, infer(loaded.model, data), loaded.info["labels"])
+
+
+def to_json(frame: pd.DataFrame, labels: list[str]) -> list[dict]:
+    """The predictions as JSON records: utterance fields, probabilities {label: p}, gates {gate: {expert: w}}."""
+    records = []
+    for row in frame.to_dict("records"):
+        record = {k: row[k] for k in ("dialogue_id", "speaker", "text", "emotion")}
+        record["probabilities"] = {label: round(float(row[f"p_{label}"]), 6) for label in labels}
+        gates = {}
+        for key, value in row.items():
+            if key.startswith("gate.") and not pd.isna(value):
+                name, expert = key[len("gate."):].rsplit(".", 1)
+                gates.setdefault(name, {})[expert] = round(float(value), 6)
+        if gates:
+            record["gates"] = gates
+        if "score" in row:
+            record["score"] = round(float(row["score"]), 6)
+        records.append(record)
+    return records
+
+
+def main(argv=None) -> None:
+    import argparse
+    import sys
+
+    from erc.io import write_text
+
+    parser = argparse.ArgumentParser(prog="erc predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("conversation", help="a CSV or JSONL file: speaker, text[, <modality>_features | _path]")
+    parser.add_argument("--model", required=True,
+                        help="an MLflow run id, a registered model name[/version | @alias], or models:/...")
+    parser.add_argument("--json", action="store_true", help="JSON records instead of a table")
+    parser.add_argument("--out", help="write here instead of the terminal")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    args = parser.parse_args(argv)
+    try:
+        read_conversation(args.conversation)  # a bad file is reported before the model is fetched
+        loaded = load_model(args.model, args.tracking_uri)
+        frame = predict(args.conversation, loaded)
+    except ErcDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if args.json:
+        text = json.dumps(to_json(frame, loaded.info["labels"]), indent=2) + "\n"
+    else:
+        text = frame.to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n"
+    if args.out:
+        write_text(args.out, text)
+    else:
+        sys.stdout.write(text)
