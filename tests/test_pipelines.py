@@ -127,8 +127,8 @@ PIPELINES = ("dvc.yaml", "tuned/dvc.yaml", "untuned/dvc.yaml")
 
 
 def test_stages_follow_the_pipeline_lists_of_params(tmp_path):
-    """dvc.yaml and tuned/dvc.yaml name no dataset or model: a dataset added to (or removed from) params'
-    `pipeline` lists adds (or removes) its stages in both, and nothing else changes."""
+    """No pipeline file names a dataset or model: a dataset added to (or removed from) params (its `datasets` entry
+    and the `pipeline` lists) adds (or removes) its stages in all of them, and nothing else changes."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     pipeline = params["pipeline"]
     for name in PIPELINES:
@@ -145,6 +145,7 @@ def test_stages_follow_the_pipeline_lists_of_params(tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     before = stage_names(project)
     params["pipeline"]["datasets"] = [d for d in pipeline["datasets"] if d != "mosi"] + ["talk"]
+    params["datasets"]["talk"] = params["datasets"].pop("mosi")  # prepare and featurize follow the entries
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     after = stage_names(project)
     models = pipeline["models"] + pipeline["distilled"]
@@ -157,3 +158,4 @@ def test_stages_follow_the_pipeline_lists_of_params(tmp_path):
                              | {f"untuned/dvc.yaml:train_untuned_distilled@{d}-{m}" for m in pipeline["distilled"]})
     assert after - before == per_dataset("talk") and before - after == per_dataset("mosi")
     assert len(per_dataset("talk")) == 3 + len(models) * 3
+    assert {f"{s}@{d}" for s in ("prepare", "featurize", "probe") for d in pipeline["probed"]} <= after  # not trained
