@@ -413,8 +413,9 @@ def test_a_new_corpus_is_a_params_entry_through_dvc_repro(tmp_path):
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["datasets"]["friends"] = entry
     params["inputs"]["friends"] = example["inputs"]["friends"]
-    # Only the new corpus, one seed, two epochs: the three built-in datasets need the data mirror and an hour.
-    params["pipeline"]["datasets"] = ["friends"]
+    # Only the new corpus, one seed, two epochs, and one model of each kind (a plain one, a distilled one: the others
+    # are the same stage templates): the three built-in datasets need the data mirror and an hour.
+    params["pipeline"].update(datasets=["friends"], models=["baseline"], distilled=["summer"])
     params["train"].update(seeds=[0], epochs=2, patience=1)
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     changed = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True).stdout
