@@ -250,8 +250,8 @@ def _empty_dialogue(tmp_path):
 
 
 def _turn_not_a_number(tmp_path):
-    files = corpus(tmp_path, train_csv=TRAIN.replace("2,1,Bob", "2,x1,Bob"), test_csv=TEST)
-    return files, "train", "row 3, column t: turn 'x1' is not a number"
+    files = corpus(tmp_path, train_csv=TRAIN.replace("2,1,Bob", "2,x1,Bob") + "5,?,Ann,Alone,joy\n", test_csv=TEST)
+    return files, "train", "row 3, column t: turn 'x1' is not a number (1 more"  # and dialogue 5's only turn
 
 
 BAD = {"missing-column": _missing_column, "unmapped-label": _unmapped_label, "duplicate-turns": _duplicate_turns,
