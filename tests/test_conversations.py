@@ -250,8 +250,8 @@ def _empty_dialogue(tmp_path):
 
 
 def _turn_not_a_number(tmp_path):
-    files = corpus(tmp_path, train_csv=TRAIN.replace("2,1,Bob", "2,x1,Bob"), test_csv=TEST)
-    return files, "train", "row 3, column t: turn 'x1' is not a number"
+    files = corpus(tmp_path, train_csv=TRAIN.replace("2,1,Bob", "2,x1,Bob") + "5,?,Ann,Alone,joy\n", test_csv=TEST)
+    return files, "train", "row 3, column t: turn 'x1' is not a number (1 more"  # and dialogue 5's only turn
 
 
 BAD = {"missing-column": _missing_column, "unmapped-label": _unmapped_label, "duplicate-turns": _duplicate_turns,
@@ -413,8 +413,9 @@ def test_a_new_corpus_is_a_params_entry_through_dvc_repro(tmp_path):
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["datasets"]["friends"] = entry
     params["inputs"]["friends"] = example["inputs"]["friends"]
-    # Only the new corpus, one seed, two epochs: the three built-in datasets need the data mirror and an hour.
-    params["pipeline"]["datasets"] = ["friends"]
+    # Only the new corpus, one seed, two epochs, and one model of each kind (a plain one, a distilled one: the others
+    # are the same stage templates): the three built-in datasets need the data mirror and an hour.
+    params["pipeline"].update(datasets=["friends"], models=["baseline"], distilled=["summer"])
     params["train"].update(seeds=[0], epochs=2, patience=1)
     params["tune"].update(trials=2, epochs=2, grace_period=1)  # the searches `dvc repro` runs first: short ones
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

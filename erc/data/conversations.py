@@ -438,6 +438,7 @@ def order_utterances(rows: list[Row], opts: Options, problems: list[Problem]):
                                             f"duplicate turn {rows[b].fields[c.turn]!r} in dialogue {'/'.join(key)} "
                                             f"(also row {rows[a].row})"))
             groups[key] = members
+        keys = [k for k in keys if groups[k]]  # a dialogue whose every turn is unreadable (each already a problem)
     return keys, groups
 
 
