@@ -4,7 +4,7 @@
     python benchmarks/models.py --models sdt --datasets iemocap
 
 Each (model, dataset) is measured in a fresh process so peak memory is its own. Configs are those of
-params.yaml (`models.<name>`); SUMMER uses runs/<dataset>/teacher when the teacher stage has run.
+params.yaml (`models.<name>`); SUMMER uses runs/teacher/<dataset> when the teacher stage has run.
 Needs the prepared datasets and features (`dvc repro featurize`). Figures go to
 benchmarks/results/models.json (a DVC metrics file).
 """
@@ -35,7 +35,7 @@ def measure(model_name: str, dataset: str, epochs: int = 1, warmup_batches: int 
     from erc.train import configs_from_params, load_task, seed_everything
 
     params = load_params(ROOT / "params.yaml")
-    teacher = ROOT / "runs" / dataset / "teacher"
+    teacher = ROOT / "runs" / "teacher" / dataset
     overrides = {"teacher_checkpoint": str(teacher)} if "teacher_checkpoint" in MODELS[model_name].Config.__dataclass_fields__ \
         and teacher.is_dir() else None
     (cfg,) = configs_from_params(params, dataset, model_name, seeds=[0], model_overrides=overrides)

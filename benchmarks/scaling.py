@@ -64,7 +64,7 @@ def main():
         uri = f"sqlite:///{tmp}/mlflow.db"
         client = mlflow.MlflowClient(uri)
         for model in args.models:
-            teacher = ROOT / "runs" / args.dataset / "teacher"
+            teacher = ROOT / "runs" / "teacher" / args.dataset
             overrides = ({"teacher_checkpoint": str(teacher)}
                          if "teacher_checkpoint" in MODELS[model].Config.__dataclass_fields__ and teacher.is_dir() else None)
             row = {}

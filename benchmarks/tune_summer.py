@@ -30,7 +30,7 @@ from erc.io import write_json  # noqa: E402
 
 def train(dataset: str, out: Path, config: Path | None) -> list[dict]:
     command = [sys.executable, "pipelines/train.py", "--dataset", dataset, "--model", "summer",
-               "--teacher", f"runs/{dataset}/teacher", "--out", str(out)]
+               "--teacher", f"runs/teacher/{dataset}", "--out", str(out)]
     if config:
         command += ["--config", str(config)]
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
@@ -52,7 +52,7 @@ def main():
     name = f"bench-{args.dataset}-summer-{time.strftime('%Y%m%d-%H%M%S')}"
     start = time.perf_counter()
     subprocess.run([sys.executable, "pipelines/tune.py", "--dataset", args.dataset, "--model", "summer",
-                    "--teacher", f"runs/{args.dataset}/teacher", "--trials", str(args.trials), "--name", name,
+                    "--teacher", f"runs/teacher/{args.dataset}", "--trials", str(args.trials), "--name", name,
                     "--out", str(tuned)], cwd=ROOT, check=True)
     search_minutes = (time.perf_counter() - start) / 60
     print(f"\nsearch: {args.trials} trials in {search_minutes:.1f} minutes", flush=True)

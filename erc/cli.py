@@ -1,4 +1,10 @@
-"""The `erc` command: a small dispatcher over erc's subcommands (`erc <command> --help` for each)."""
+"""The `erc` command: a dispatcher over subcommands, each a module with `main(argv) -> int`.
+
+    erc check-data meld              # what prepare would write for a dataset, and every problem, writing nothing
+    erc predict talk.csv --model erc-iemocap-mister_e@best   # a registered model on a new conversation
+
+A new subcommand is one line in COMMANDS.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +12,28 @@ import importlib
 import sys
 
 COMMANDS = {  # name -> (module with main(argv), one line of help)
-    "predict": ("erc.predict", "a trained model on a new conversation: emotions, probabilities, gates"),
+    "check-data": ("erc.check_data", "show what a dataset's adapter would produce, and every problem, writing nothing"),
+    "predict": ("erc.predict", "a trained model on a new conversation: each utterance's emotion, probabilities, gates"),
 }
 
 
-def main(argv=None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<12} {help}" for name, (_, help) in COMMANDS.items()]
-        print("usage: erc <command> [options]\n\ncommands:\n" + "\n".join(lines), file=sys.stderr if argv else sys.stdout)
-        sys.exit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
-    module, _ = COMMANDS[argv[0]]
-    importlib.import_module(module).main(argv[1:])
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in sorted(COMMANDS.items())]
+    return "usage: erc <command> [args]  (erc <command> --help)\n\ncommands:\n" + "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"erc: unknown command {argv[0]!r}\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return module.main(argv[1:]) or 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

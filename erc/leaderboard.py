@@ -1,4 +1,10 @@
-"""The leaderboard: test figures of the validation-selected checkpoints, from MLflow, mean ± std over seeds."""
+"""The leaderboard: test figures of the validation-selected checkpoints, from MLflow, with how sure each one is.
+
+Per (dataset, variant, model, features): the mean and sample std over seeds, a 95% bootstrap interval of test
+weighted F1 over seeds and test dialogues, paired tests against the dataset's baseline and best model (approximate
+randomisation over test dialogues, Holm-corrected within the dataset; see erc.stats), the runs' own efficiency
+figures, and flags for inputs learnt with labels or flagged by the leakage probe.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,39 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from erc import stats
 from erc.errors import ErcDataError
 
-GROUP = ["dataset", "model", "features"]
+GROUP = ["dataset", "variant", "model", "features"]
 HEADLINE = ["wf1", "acc", "macro_f1"]
 MOSI_EXTRA = ["acc2", "wf1_binary", "acc7", "mae", "corr"]
+EFFICIENCY = ["params_total", "params_trainable", "train_s_per_epoch", "infer_ms_per_dialogue", "peak_rss_mb"]
+FLAGS = ["class_weights", "label_derived", "leakage_warning"]
+REPLICATES = 2000
+ALPHA = 0.05
+MAIN_VARIANT = "tuned"  # the default leaderboard; every other variant is a second view below it
+
+
+def run_files(paths, datasets: list[str], models: list[str]) -> tuple[list[Path], list[Path]]:
+    """The train stages' run lists: files as given, and from each folder `<folder>/<dataset>/<model>.json` for every
+    dataset and model of the pipeline's lists (each must be there). Returns (taken, skipped): a folder's other files
+    (a dataset since removed from params) are skipped, not shown."""
+    taken, skipped = [], []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            taken.append(path)
+            continue
+        expected = [path / d / f"{m}.json" for d in datasets for m in models]
+        missing = [p for p in expected if not p.is_file()]
+        if missing:
+            raise ErcDataError(path, f"no run list {missing[0].relative_to(path)} ({len(missing)} of {len(expected)} "
+                                     "missing): run its train stage first")
+        taken += expected
+        skipped += sorted(p for p in path.glob("*/*.json") if p not in expected)
+    return taken, skipped
 
 
 def run_ids_from(files) -> list[str]:
@@ -26,7 +58,7 @@ def run_ids_from(files) -> list[str]:
 
 
 def fetch_runs(client, run_ids: list[str]) -> pd.DataFrame:
-    """One row per run: its tags that group it, its seed and its test_* metrics (names without `test_`)."""
+    """One row per run: the tags that group and flag it, its seed, test_* metrics (without `test_`), efficiency."""
     rows = []
     for run_id in run_ids:
         try:
@@ -35,17 +67,19 @@ def fetch_runs(client, run_ids: list[str]) -> pd.DataFrame:
             raise ErcDataError(f"mlflow run {run_id}", f"not found in the tracking store ({type(e).__name__})") from None
         if r.info.status != "FINISHED":
             raise ErcDataError(f"mlflow run {run_id}", f"status {r.info.status}, expected FINISHED")
-        row = {k: r.data.tags.get(k, "") for k in GROUP}
-        if r.data.tags.get("variant", "default") != "default":  # a tuned config sits beside the default one
-            row["model"] = f"{row['model']}-{r.data.tags['variant']}"
-        row.update({"seed": int(r.data.tags.get("seed", -1)), "run_id": run_id})
+        tags = r.data.tags
+        row = {k: tags.get(k, "") for k in GROUP + FLAGS}
+        row["variant"] = tags.get("variant") or "default"
+        row["class_weights"] = tags.get("class_weights") or "none"
+        row.update({"seed": int(tags.get("seed", -1)), "run_id": run_id})
         row.update({k[len("test_"):]: v for k, v in r.data.metrics.items() if k.startswith("test_")})
+        row.update({k: r.data.metrics[k] for k in EFFICIENCY if k in r.data.metrics})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and sample std (ddof=1) per (dataset, model, features); std is NaN for a single seed."""
+    """Mean and sample std (ddof=1) per group; std is NaN for a single seed. Efficiency: means over seeds."""
     out = []
     for key, part in runs.groupby(GROUP, sort=True):
         row = dict(zip(GROUP, key))
@@ -54,40 +88,150 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
         for m in metrics:
             row[f"{m}_mean"] = float(part[m].mean())
             row[f"{m}_std"] = float(part[m].std(ddof=1)) if len(part) > 1 else math.nan
+        for m in EFFICIENCY:
+            row[m] = float(part[m].mean()) if m in part and part[m].notna().any() else math.nan
+        for flag in FLAGS:
+            row[flag] = ",".join(sorted({v for v in part[flag] if v})) if flag in part else ""
         out.append(row)
     table = pd.DataFrame(out)
     first = GROUP + ["n_seeds", "wf1_mean", "wf1_std", "acc_mean", "acc_std"]
     return table[first + [c for c in table.columns if c not in first]]
 
 
+def dataset_confusions(runs: pd.DataFrame, predictions: dict[str, pd.DataFrame]) -> dict[str, np.ndarray]:
+    """Per run, (dialogues, C, C) confusion counts over one dialogue and label index shared by its dataset."""
+    out = {}
+    for dataset, part in runs.groupby("dataset"):
+        frames = {rid: predictions[rid] for rid in part["run_id"]}
+        for rid, df in frames.items():
+            if "dialogue_id" not in df:
+                raise ErcDataError(f"mlflow run {rid}", "test_predictions.csv has no dialogue_id column (a run made "
+                                                        "before erc recorded it): train it again")
+        dialogues = sorted(set().union(*(set(df["dialogue_id"].astype(str)) for df in frames.values())))
+        labels = sorted(set().union(*(set(df["actual"]) | set(df["predicted"]) for df in frames.values())))
+        d_index, l_index = {d: i for i, d in enumerate(dialogues)}, {lab: i for i, lab in enumerate(labels)}
+        for rid, df in frames.items():
+            out[rid] = stats.dialogue_confusions(df["dialogue_id"].astype(str).map(d_index).to_numpy(),
+                                                 df["actual"].map(l_index).to_numpy(),
+                                                 df["predicted"].map(l_index).to_numpy(), len(dialogues), len(labels))
+    return out
+
+
+def add_significance(board: pd.DataFrame, runs: pd.DataFrame, predictions: dict[str, pd.DataFrame], *,
+                     replicates: int = REPLICATES) -> pd.DataFrame:
+    """Interval and paired-test columns: wf1_ci_low/high, p_vs_baseline, p_vs_best (Holm-adjusted within each
+    dataset and variant), and whether each difference is significant at ALPHA."""
+    confusions = dataset_confusions(runs, predictions)
+    board = board.copy()
+    for col in ("wf1_ci_low", "wf1_ci_high", "p_vs_baseline", "p_vs_best"):
+        board[col] = math.nan
+
+    def seeds_of(row) -> dict[int, np.ndarray]:
+        part = runs[(runs[GROUP] == pd.Series({k: row[k] for k in GROUP})).all(axis=1)]
+        return {int(s): confusions[rid] for s, rid in zip(part["seed"], part["run_id"])}
+
+    for (dataset, variant), rows in board.groupby(["dataset", "variant"]):
+        per_row = {i: seeds_of(board.loc[i]) for i in rows.index}
+        for i, by_seed in per_row.items():
+            low, high = stats.bootstrap_ci(np.stack([by_seed[s] for s in sorted(by_seed)]), replicates=replicates)
+            board.loc[i, ["wf1_ci_low", "wf1_ci_high"]] = low, high
+        baselines = rows[rows["model"] == "baseline"].sort_values("n_seeds", ascending=False, kind="stable")
+        best = rows["wf1_mean"].idxmax()
+        tests = []  # (row, column, p)
+        for i in rows.index:
+            for column, other in (("p_vs_baseline", baselines.index[0] if len(baselines) else None),
+                                  ("p_vs_best", best)):
+                if other is None or other == i:
+                    continue
+                common = sorted(set(per_row[i]) & set(per_row[other]))  # seed k with seed k
+                if not common:
+                    continue
+                p = stats.paired_randomization(np.stack([per_row[i][s] for s in common]),
+                                               np.stack([per_row[other][s] for s in common]), replicates=replicates)
+                tests.append((i, column, p))
+        for (i, column, _), adjusted in zip(tests, stats.holm([p for _, _, p in tests])):
+            board.loc[i, column] = adjusted
+    board["significant_vs_baseline"] = board["p_vs_baseline"] < ALPHA
+    board["significant_vs_best"] = board["p_vs_best"] < ALPHA
+    return board
+
+
+def _fmt(value, digits=2) -> str:
+    return "" if value is None or pd.isna(value) else f"{value:.{digits}f}"
+
+
+def _p(value, significant) -> str:
+    if value is None or pd.isna(value):
+        return ""
+    return ("< 0.001" if value < 0.001 else f"{value:.3f}") + (" *" if significant else "")
+
+
+def _pm(row, m, digits=2) -> str:
+    mean, std = row.get(f"{m}_mean"), row.get(f"{m}_std")
+    if mean is None or pd.isna(mean):
+        return ""
+    return f"{mean:.{digits}f}" + ("" if std is None or pd.isna(std) else f" ± {std:.{digits}f}")
+
+
+def _flags(row) -> str:
+    out = []
+    if row.get("label_derived"):
+        out.append(f"label-derived {row['label_derived']} †")
+    if row.get("leakage_warning"):
+        out.append(f"leakage probe {row['leakage_warning']} !")
+    if row.get("class_weights") not in (None, "", "none"):
+        out.append(f"class weights {row['class_weights']}")
+    return "; ".join(out)
+
+
 def to_markdown(board: pd.DataFrame) -> str:
     lines = ["# erc leaderboard", "",
-             "Test-split figures (percent; MAE in sentiment units) of the checkpoint selected on validation weighted F1,",
-             "mean ± sample std over seeds. Each row re-runs with `dvc repro`; every run is in MLflow.", "",
-             "| dataset | model | features | seeds | weighted F1 | accuracy | macro F1 | MOSI Acc-2 | MOSI Acc-7 | MOSI MAE | MOSI r |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-
-    def pm(row, m, digits=2):
-        mean = row.get(f"{m}_mean")
-        if mean is None or pd.isna(mean):
-            return ""
-        std = row.get(f"{m}_std")
-        return f"{mean:.{digits}f}" + ("" if std is None or pd.isna(std) else f" ± {std:.{digits}f}")
-
-    for _, row in board.iterrows():
-        row = row.to_dict()
-        lines.append(f"| {row['dataset']} | {row['model']} | {row['features']} | {row['n_seeds']} | {pm(row, 'wf1')} | "
-                     f"{pm(row, 'acc')} | {pm(row, 'macro_f1')} | {pm(row, 'acc2')} | {pm(row, 'acc7')} | "
-                     f"{pm(row, 'mae', 3)} | {pm(row, 'corr', 3)} |")
-    return "\n".join(lines) + "\n"
+             "Test-split figures (percent) of the checkpoint selected on validation weighted F1, mean ± sample std over",
+             "seeds. 95% CI: bootstrap over seeds and test dialogues (erc/stats.py). p: approximate randomisation over",
+             "test dialogues against the dataset's baseline and its best model, Holm-corrected within each dataset;",
+             f"* significant at {ALPHA}. Efficiency: the runs' own figures (CPU unless the runs had GPUs). "
+             "Flags: † inputs learnt with labels, ! the leakage probe's validation-above-test warning.",
+             "Each row re-runs with `dvc repro`; every run is in MLflow.", ""]
+    variants = sorted(board["variant"].unique(), key=lambda v: (v != MAIN_VARIANT, v))
+    for variant in variants:
+        part = board[board["variant"] == variant]
+        title = {MAIN_VARIANT: "Tuned configurations (the leaderboard)",
+                 "default": "Untuned: params.yaml's values (a second view)"}.get(variant, f"Variant: {variant}")
+        lines += [f"## {title}", "",
+                  "| dataset | model | features | seeds | weighted F1 | 95% CI | p vs baseline | p vs best | accuracy | "
+                  "macro F1 | params | s/epoch | ms/dialogue | peak MB | flags |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for _, row in part.iterrows():
+            row = row.to_dict()
+            ci = f"[{_fmt(row.get('wf1_ci_low'))}, {_fmt(row.get('wf1_ci_high'))}]" if not pd.isna(
+                row.get("wf1_ci_low", math.nan)) else ""
+            params = "" if pd.isna(row.get("params_total", math.nan)) else f"{row['params_total'] / 1e6:.2f}M"
+            lines.append(
+                f"| {row['dataset']} | {row['model']} | {row['features']} | {row['n_seeds']} | {_pm(row, 'wf1')} | {ci} | "
+                f"{_p(row.get('p_vs_baseline'), row.get('significant_vs_baseline'))} | "
+                f"{_p(row.get('p_vs_best'), row.get('significant_vs_best'))} | {_pm(row, 'acc')} | {_pm(row, 'macro_f1')} | "
+                f"{params} | {_fmt(row.get('train_s_per_epoch'))} | {_fmt(row.get('infer_ms_per_dialogue'))} | "
+                f"{_fmt(row.get('peak_rss_mb'), 0)} | {_flags(row)} |")
+        mosi = part[part.get("acc2_mean", pd.Series(dtype=float)).notna()] if "acc2_mean" in part else part.iloc[:0]
+        if len(mosi):
+            lines += ["", "MOSI's sentiment figures (Acc-2 from the classifier, Acc-7 and MAE and r from the score head):",
+                      "", "| model | features | Acc-2 | Acc-7 | MAE | r |", "|---|---|---|---|---|---|"]
+            for _, row in mosi.iterrows():
+                row = row.to_dict()
+                lines.append(f"| {row['model']} | {row['features']} | {_pm(row, 'acc2')} | {_pm(row, 'acc7')} | "
+                             f"{_pm(row, 'mae', 3)} | {_pm(row, 'corr', 3)} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def dvc_metrics(board: pd.DataFrame) -> dict:
-    """Nested {dataset: {model: {metric: value}}} for `dvc metrics show` / `dvc exp show`."""
+    """Nested {dataset: {model[features] (variant): {metric: value}}} for `dvc metrics show` / `dvc metrics diff`."""
     out: dict = {}
+    keep = ("_mean", "_std", "_ci_low", "_ci_high")
     for _, row in board.iterrows():
         values = {k: (None if pd.isna(v) else round(float(v), 4)) for k, v in row.items()
-                  if k.endswith("_mean") or k.endswith("_std")}
+                  if k.endswith(keep) or k.startswith("p_vs_") or k in EFFICIENCY}
         values["n_seeds"] = int(row["n_seeds"])
-        out.setdefault(row["dataset"], {})[f"{row['model']}[{row['features']}]"] = values
+        name = f"{row['model']}[{row['features']}]" + ("" if row["variant"] == MAIN_VARIANT else f" ({row['variant']})")
+        out.setdefault(row["dataset"], {})[name] = values
     return out

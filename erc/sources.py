@@ -103,11 +103,25 @@ def file_specs(entries: dict) -> dict[str, FileSpec]:
     return {name: FileSpec(e["url"], e["sha256"]) for name, e in entries.items() if "sha256" in e}
 
 
+def local_file(path, expected_sha256: str | None) -> Path:
+    """A file of one's own (`{path, sha256}` in params), checked like a downloaded one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ErcDataError(path, "missing file (a files entry's `path` is read from the working directory)")
+    actual = sha256_of(path)
+    if not expected_sha256:
+        raise ErcDataError(path, f"no sha256 in its files entry: add `sha256: {actual}` (so that a changed file "
+                                 "is noticed and reruns the pipeline)")
+    if actual != expected_sha256:
+        raise ErcDataError(path, f"checksum mismatch: sha256 {actual}, expected {expected_sha256}")
+    return path
+
+
 class DatasetFiles:
     """A dataset's `files:` params entry, fetched on demand by name.
 
-    An entry is either `{url, sha256}` (one file) or `{url, tree_sha256}` (a folder whose file list
-    the adapter knows, checked as a whole).
+    An entry is `{url, sha256}` (one public file), `{url, tree_sha256}` (a folder whose file list the
+    adapter knows, checked as a whole) or `{path, sha256}` (a local file of one's own).
     """
 
     def __init__(self, entries: dict, cache: Path = DEFAULT_CACHE):
@@ -116,6 +130,10 @@ class DatasetFiles:
 
     def path(self, name: str) -> Path:
         e = self._entry(name)
+        if "path" in e:
+            return local_file(e["path"], e.get("sha256"))
+        if not isinstance(e.get("url"), str) or not isinstance(e.get("sha256"), str):
+            raise ErcDataError("files", f"{name}: an entry is {{url, sha256}} or {{path, sha256}}, got {e!r}")
         return fetch(FileSpec(e["url"], e["sha256"]), self.cache)
 
     def tree(self, name: str, relpaths: list[str]) -> dict[str, Path]:
@@ -123,7 +141,7 @@ class DatasetFiles:
         return fetch_tree(e["url"], e["tree_sha256"], relpaths, self.cache)
 
     def checksums(self) -> dict:
-        return {name: {k: v for k, v in e.items() if k in ("url", "sha256", "tree_sha256")}
+        return {name: {k: v for k, v in e.items() if k in ("url", "path", "sha256", "tree_sha256")}
                 for name, e in self.entries.items()}
 
     def _entry(self, name: str) -> dict:

@@ -119,12 +119,14 @@ def log_confusion(client, run_id: str, cm: np.ndarray, labels: list[str], title:
 
 
 def log_predictions(client, run_id: str, task, pred: dict) -> None:
-    """The test predictions as `test_predictions.csv` (utterance_id, actual, predicted[, scores])."""
+    """The test predictions as `test_predictions.csv` (dialogue_id, utterance_id, actual, predicted[, scores]):
+    the leaderboard's intervals and paired tests resample them by dialogue."""
     import pandas as pd
 
     table = task.prepared.table
     labels = np.asarray(task.labels, dtype=object)
-    df = pd.DataFrame({"utterance_id": table["utterance_id"].to_numpy()[pred["rows"]],
+    df = pd.DataFrame({"dialogue_id": table["dialogue_id"].to_numpy()[pred["rows"]],
+                       "utterance_id": table["utterance_id"].to_numpy()[pred["rows"]],
                        "actual": labels[pred["true"]], "predicted": labels[pred["pred"]]})
     if "score_pred" in pred:
         df["score_actual"], df["score_predicted"] = pred["score_true"], pred["score_pred"]

@@ -25,12 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from erc import config
 from erc.data import canonical
 from erc.data.dialogues import IGNORE, DialogueData, deal, feature_stats, split_data
 from erc.errors import ErcDataError
 from erc.io import atomic_path
 from erc.metrics import split_metrics
 from erc.models import MODELS, ModelSpec, build_model
+from erc.models.sdt import IEMOCAP_CLASS_WEIGHTS
 
 SELECT = "val_wf1"  # model selection: validation weighted F1, nothing else
 
@@ -52,7 +54,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
-    class_weights: list | None = None
+    class_weights: str | list = "none"  # the dataset's policy, alike for every model: none | balanced | a CLASS_WEIGHTS name
     grad_accum_steps: int = 1  # micro-batches per worker per optimizer step
     num_workers: int = 1
     cpus_per_worker: float | None = None  # None: the machine's CPUs shared evenly
@@ -80,40 +82,66 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Named class weights, for the variants that reproduce a paper's setting (never a model's default).
+CLASS_WEIGHTS = {
+    # the official SDT code's IEMOCAP weights, 1 / class frequency, in erc's label order hap, sad, neu, ang, exc, fru
+    "sdt_iemocap": {"labels": ["hap", "sad", "neu", "ang", "exc", "fru"], "weights": IEMOCAP_CLASS_WEIGHTS},
+}
+
+
+def class_weights_for(policy, labels: list[str], train_labels: np.ndarray, source: str) -> list[float] | None:
+    """The loss's class weights under a dataset's policy: `none`, `balanced` (n / (C x count) over the training
+    split's labelled utterances, as scikit-learn's), a CLASS_WEIGHTS name, or an explicit list."""
+    if policy in (None, "none"):
+        return None
+    if policy == "balanced":
+        counts = np.bincount(train_labels[train_labels != IGNORE], minlength=len(labels)).astype(np.float64)
+        return (counts.sum() / (len(labels) * np.maximum(counts, 1))).tolist()
+    if isinstance(policy, str):
+        if policy not in CLASS_WEIGHTS:
+            raise ErcDataError(source, f"class_weights {policy!r}: not none, balanced or one of {sorted(CLASS_WEIGHTS)}")
+        named = CLASS_WEIGHTS[policy]
+        if list(named["labels"]) != list(labels):
+            raise ErcDataError(source, f"class_weights {policy!r} are for labels {named['labels']}, not {labels}")
+        return list(named["weights"])
+    if len(policy) != len(labels):
+        raise ErcDataError(source, f"class_weights has {len(policy)} values for {len(labels)} labels {labels}")
+    return [float(w) for w in policy]
+
+
 def configs_from_params(params: dict, dataset: str, model: str, *, source="params.yaml", seeds=None,
                         modalities=None, model_overrides: dict | None = None) -> list[TrainConfig]:
     """One TrainConfig per seed from params.yaml's `train`, `inputs.<dataset>` and `models.<model>` sections.
 
     Train settings apply in order: `train`, `train.per_model.<model>`, `train.per_dataset.<dataset>`,
-    `train.per_model.<model>.per_dataset.<dataset>`. `modalities` keeps a subset of the dataset's inputs
-    (a unimodal teacher); `model_overrides` adds config keys that the pipeline decides (a teacher checkpoint).
+    `train.per_model.<model>.per_dataset.<dataset>`; the model's config is `models.<model>` updated with
+    `models.<model>.per_dataset.<dataset>` (a paper's per-dataset values). `class_weights` is a dataset's policy,
+    the same for every model, so it may be set in `train` and `train.per_dataset` only. `modalities` keeps a
+    subset of the dataset's inputs (a unimodal teacher); `model_overrides` adds config keys that the pipeline
+    decides (a teacher checkpoint).
     """
     if model not in MODELS:
         raise ErcDataError(source, f"unknown model {model!r}; registered: {sorted(MODELS)}")
     if dataset not in params.get("inputs", {}):
         raise ErcDataError(source, f"no inputs.{dataset} entry (which feature set feeds which modality)")
-    inputs = dict(params["inputs"][dataset])
+    inputs = config.inputs_of(params, dataset, source=source)
     if modalities is not None:
         missing = set(modalities) - set(inputs)
         if missing:
             raise ErcDataError(source, f"inputs.{dataset} has no {sorted(missing)} modality")
         inputs = {m: inputs[m] for m in modalities}
-    train = params["train"]
-    per_model = dict((train.get("per_model") or {}).get(model) or {})
-    per_model_dataset = (per_model.pop("per_dataset", None) or {}).get(dataset, {})
-    shared = {k: v for k, v in train.items() if k not in ("seeds", "per_dataset", "per_model")}
-    for overrides in (per_model, (train.get("per_dataset") or {}).get(dataset, {}), per_model_dataset):
-        shared.update(overrides or {})
-    model_config = {**(params.get("models", {}).get(model) or {}), **(model_overrides or {})}
-    try:
-        MODELS[model].Config(**model_config)
-        data = params.get("data_dir", "data")  # a shared path on a cluster, so that every node sees it
-        return [TrainConfig(dataset=dataset, prepared=f"{data}/prepared/{dataset}",
-                            feature_dirs=[f"{data}/features/{dataset}"], inputs=inputs, model=model,
-                            model_config=model_config, seed=seed, **shared)
-                for seed in (seeds if seeds is not None else train["seeds"])]
-    except TypeError as e:  # an unknown key in train or models.<model>
-        raise ErcDataError(source, f"bad train/models.{model} params ({e})") from None
+    shared = config.train_settings(params, dataset, model, source=source)  # typed and range-checked
+    model_params = dict(params.get("models", {}).get(model) or {})
+    model_dataset = (model_params.pop("per_dataset", None) or {}).get(dataset) or {}  # a paper's per-dataset values
+    model_config = config.model_settings(model, {**model_params, **model_dataset, **(model_overrides or {})},
+                                         source=source)
+    data = params.get("data_dir", "data")  # a shared path on a cluster, so that every node sees it
+    if not isinstance(data, str) or not data:
+        raise ErcDataError(source, f"data_dir: a folder expected, got {data!r}")
+    return [TrainConfig(dataset=dataset, prepared=f"{data}/prepared/{dataset}",
+                        feature_dirs=[f"{data}/features/{dataset}"], inputs=inputs, model=model,
+                        model_config=model_config, seed=seed, **shared)
+            for seed in (seeds if seeds is not None else config.seeds_of(params, source=source))]
 
 
 @dataclass
@@ -138,12 +166,13 @@ def load_task(cfg: TrainConfig, splits=("train", "valid")) -> Task:
     labels = prep.meta[f"{target}_labels"]
     stats = {name: feature_stats(prep, name) for name in cfg.inputs.values()}
     data = {s: split_data(prep, s, cfg.inputs, target, stats) for s in splits}
+    train_labels = prep.table.loc[prep.table["split"] == "train", f"{target}_id"].to_numpy().astype(np.int64)
     spec = ModelSpec(
         input_dims={m: prep.features[n].dim for m, n in cfg.inputs.items()},
         num_classes=len(labels),
         num_sentiment_classes=len(prep.meta["sentiment_labels"]) if target == "emotion" else 0,
         has_score=bool(prep.meta.get("has_sentiment_score")),
-        class_weights=cfg.class_weights,
+        class_weights=class_weights_for(cfg.class_weights, labels, train_labels, f"train.class_weights ({cfg.dataset})"),
     )
     return Task(prep, target, labels, data, spec, stats)
 
@@ -155,7 +184,7 @@ def load_task_cached(cfg: TrainConfig) -> Task:
     """`load_task(cfg)`, loaded once per process for the same data, inputs and class weights."""
     meta = Path(cfg.prepared) / "meta.json"
     key = (cfg.prepared, tuple(cfg.feature_dirs), tuple(sorted(cfg.inputs.items())),
-           tuple(cfg.class_weights or ()), meta.stat().st_mtime_ns if meta.exists() else 0)
+           json.dumps(cfg.class_weights), meta.stat().st_mtime_ns if meta.exists() else 0)
     if key not in _loaded:
         _loaded.clear()
         _loaded[key] = load_task(cfg)
@@ -445,6 +474,7 @@ def train_one(cfg: TrainConfig, index: int, task: Task, session, clock: Clock, r
         metrics.update({"epoch": epoch, "train_utterances_per_s": utterances / max(seconds, 1e-9),
                         "train_seconds": seconds})
         state["epoch"] = epoch
+        state["train_seconds"] = state.get("train_seconds", 0.0) + seconds  # kept across a restart, unlike the clock
         if metrics[SELECT] > state["best"]:  # strictly better: the first best epoch is kept on ties
             state.update(best=metrics[SELECT], best_epoch=epoch, since_best=0)
             best_weights = {k: v.detach().clone() for k, v in stepper.module.state_dict().items()}
@@ -483,19 +513,38 @@ def _metric(key: str, value: float, step: int = 0):
     return Metric(key, float(value), int(time.time() * 1000), step)
 
 
+def efficiency(model, state: dict, inference_s: float, test_dialogues: int, device) -> dict:
+    """What the leaderboard's efficiency columns read: size, training time per epoch, inference time per
+    dialogue (the test pass, batch 32), and the worker's peak memory (resident set; the GPU's too when used)."""
+    import resource
+
+    params = list(model.parameters())
+    out = {"params_total": sum(p.numel() for p in params),
+           "params_trainable": sum(p.numel() for p in params if p.requires_grad),
+           "train_s_per_epoch": state.get("train_seconds", 0.0) / max(state["epoch"] + 1, 1),
+           "infer_ms_per_dialogue": 1000 * inference_s / max(test_dialogues, 1),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
+    if torch.device(device).type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
 def finish_run(cfg: TrainConfig, task: Task, stepper, best_weights: dict, state: dict, client, clock: Clock) -> None:
     """The one look at test: the selected (best validation) weights, evaluated and recorded with the run."""
     from erc import tracking
 
     selected = build_model(cfg.model, task.spec, cfg.model_config)
     selected.load_state_dict(best_weights)
+    if "test" not in task.splits:  # read once per worker, after the first seed's training
+        task.splits["test"] = load_task(cfg, splits=("test",)).splits["test"]
     with clock("test"):
-        if "test" not in task.splits:  # read once per worker, after the first seed's training
-            task.splits["test"] = load_task(cfg, splits=("test",)).splits["test"]
+        start = time.perf_counter()
         pred = predict(selected.to(stepper.device), task.splits["test"], device=stepper.device)
+        inference = time.perf_counter() - start
         test, cm, pred = score(pred, task, prefix="test_")
     test["selected_epoch"] = state["best_epoch"]
     test["selected_" + SELECT] = state["best"]
+    test.update(efficiency(selected, state, inference, len(task.splits["test"]), stepper.device))
     with clock("mlflow"), tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(tmp, selected, cfg, task, state["best_epoch"], {SELECT: state["best"]})
         for name in MODEL_FILES:
@@ -537,8 +586,16 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**quiet)
     else:
+        # A local Ray of its own temp dir, so that Ray processes that look for "the" cluster find this one (through
+        # the pointer file written below), not another erc run's or a test session's.
+        os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="erc-ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        # Ray Train's spot-instance preemption watcher has nothing to watch here, and prints an error line per run.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         # The dashboard stays on: Ray's state API (Ray Train's placement-group cleaner, Tune) needs it.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", **quiet)
+        # ...and its pointer file names it: without one, a Ray process that looks for the cluster (Ray Train's
+        # placement-group cleaner) picks among every Ray on the machine and fails when there are several.
+        ray._private.utils.write_ray_address(ray._private.worker._global_node.gcs_address)
     logging.getLogger("ray").setLevel(logging.WARNING)
     print(f"ray logs: {ray_log_dir()}", file=sys.stderr)
 
@@ -596,9 +653,11 @@ def fit(runs: list[TrainConfig], callbacks=(), evaluate_test: bool = True):
 
 
 def resolve_locations(cfg: TrainConfig) -> None:
-    """Absolute data paths (workers do not share the driver's working directory) and the tracking URI."""
+    """Absolute data paths (workers do not share the driver's working directory), checked to exist, and the
+    tracking URI. Runs in the driver before Ray or MLflow start: a missing input is one line, never a worker's."""
     from erc import tracking
 
+    config.check_inputs(cfg)
     cfg.tracking_uri = cfg.tracking_uri or tracking.tracking_uri()
     cfg.prepared = str(Path(cfg.prepared).resolve())
     cfg.feature_dirs = [str(Path(d).resolve()) for d in cfg.feature_dirs]
@@ -609,9 +668,14 @@ def start_run(cfg: TrainConfig, client, tags: dict | None = None) -> None:
     from erc import distributed, tracking
 
     prep_meta = json.loads((Path(cfg.prepared) / "meta.json").read_text())
+    info = {m: canonical.feature_info(cfg.prepared, cfg.feature_dirs, name) for m, name in cfg.inputs.items()}
     run_tags = {
         "model": cfg.model, "dataset": cfg.dataset, "features": cfg.features_tag, "seed": str(cfg.seed),
         "git_commit": tracking.git_commit(), "data_sha256": json.dumps(prep_meta["sources"], sort_keys=True),
+        "class_weights": json.dumps(cfg.class_weights) if not isinstance(cfg.class_weights, str) else cfg.class_weights,
+        # the leaderboard flags rows whose inputs were learnt with labels, or whose leakage probe warned
+        "label_derived": ",".join(sorted(m for m, i in info.items() if i.get("label_derived"))),
+        "leakage_warning": ",".join(sorted(m for m, i in info.items() if (i.get("leakage_probe") or {}).get("warning"))),
         "mlflow.runName": f"{cfg.dataset}/{cfg.model}/seed{cfg.seed}", **(tags or {}),
     }
     cfg.run_id = client.create_run(tracking.experiment_id(cfg.experiment, cfg.tracking_uri), tags=run_tags).info.run_id

@@ -349,6 +349,15 @@ def apply_best(params: dict, path, dataset: str, model: str) -> dict:
     return params
 
 
+def discard(storage_path, name: str) -> None:
+    """Remove an earlier search of this name (its Tune state and parent-run pointer); its MLflow runs stay."""
+    import shutil
+
+    storage = Path(storage_path).resolve()
+    shutil.rmtree(storage / name, ignore_errors=True)
+    (storage / f"{name}.{PARENT_FILE}").unlink(missing_ok=True)
+
+
 def default_name(dataset: str, model: str) -> str:
     return f"tune-{dataset}-{model}"
 

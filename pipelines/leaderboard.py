@@ -1,9 +1,14 @@
 """Stage `leaderboard`: the train stages' MLflow runs -> reports/leaderboard.{csv,md}, DVC metrics and plots.
 
-    python pipelines/leaderboard.py runs/*/*.json --out reports
+    python pipelines/leaderboard.py runs/tuned --out reports
+    python pipelines/leaderboard.py runs/default --out reports/untuned
+
+A folder holds a train stage's run list per dataset and model, `<folder>/<dataset>/<model>.json`; the datasets and
+models are params' `pipeline` lists. Run-list files may also be named one by one.
 """
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -11,21 +16,35 @@ import mlflow
 import pandas as pd
 
 from erc import leaderboard
+from erc.errors import ErcDataError
 from erc.io import atomic_path, write_json
-from erc.params import stage_main
+from erc.params import load_params, stage_main
 from erc.tracking import tracking_uri
 
 
 @stage_main
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("run_files", nargs="+", help="train stage outputs (JSON lists of MLflow run ids)")
+    parser.add_argument("runs", nargs="+", help="folders of train stage outputs, or the outputs (JSON lists of MLflow "
+                                                "run ids) themselves")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
 
+    pipeline = load_params(args.params).get("pipeline") or {}
+    datasets, models = pipeline.get("datasets") or [], (pipeline.get("models") or []) + (pipeline.get("distilled") or [])
+    if not (datasets and models) and any(Path(p).is_dir() for p in args.runs):
+        raise ErcDataError(args.params, "pipeline: no datasets or no models listed, so no run lists to collect")
+    files, skipped = leaderboard.run_files(args.runs, datasets, models)
+    for path in skipped:
+        print(f"leaderboard: skipping {path} (not in params' pipeline lists)", file=sys.stderr)
     client = mlflow.MlflowClient(tracking_uri())
-    runs = leaderboard.fetch_runs(client, leaderboard.run_ids_from(sorted(args.run_files)))
-    board = leaderboard.summarise(runs)
+    runs = leaderboard.fetch_runs(client, leaderboard.run_ids_from(sorted(files)))
+    predictions = {}
+    for run_id in runs["run_id"]:  # each run's test predictions, read once for the intervals, tests and plots
+        with tempfile.TemporaryDirectory() as dl:
+            predictions[run_id] = pd.read_csv(client.download_artifacts(run_id, "test_predictions.csv", dl))
+    board = leaderboard.add_significance(leaderboard.summarise(runs), runs, predictions)
     out = Path(args.out)
     with atomic_path(out / "leaderboard.csv") as tmp:
         board.to_csv(tmp, index=False, float_format="%.4f")
@@ -36,13 +55,10 @@ def main():
     # DVC confusion plots: the test predictions of every seed, pooled, per (dataset, model).
     with atomic_path(out / "confusion") as tmp_dir:
         tmp_dir.mkdir()
-        for (dataset, model), part in runs.groupby(["dataset", "model"]):
-            frames = []
-            for run_id in part["run_id"]:
-                with tempfile.TemporaryDirectory() as dl:
-                    path = client.download_artifacts(run_id, "test_predictions.csv", dl)
-                    frames.append(pd.read_csv(path)[["actual", "predicted"]])
-            pd.concat(frames).to_csv(tmp_dir / f"{dataset}_{model}.csv", index=False)
+        for (dataset, variant, model), part in runs.groupby(["dataset", "variant", "model"]):
+            name = f"{dataset}_{model}" + ("" if variant == leaderboard.MAIN_VARIANT else f"_{variant}")
+            frames = [predictions[run_id][["actual", "predicted"]] for run_id in part["run_id"]]
+            pd.concat(frames).to_csv(tmp_dir / f"{name}.csv", index=False)
     print(leaderboard.to_markdown(board))
 
 

@@ -1,14 +1,17 @@
-"""Stage `prepare@<dataset>`: the dataset's public files -> its canonical directory.
+"""Stage `prepare@<dataset>`: the dataset's files -> its canonical directory.
 
     python pipelines/prepare.py mosi --out data/prepared/mosi
+
+`erc check-data <dataset>` shows what this would write, and every problem, without writing anything.
 """
 
 import argparse
 
-from erc.data import ADAPTERS
+from erc.data import build_dataset
 from erc.data.canonical import counts, save
+from erc.config import leakage_max_gap
+from erc.leakage import probe_features
 from erc.params import load_params, stage_main
-from erc.sources import DatasetFiles
 
 
 @stage_main
@@ -19,8 +22,9 @@ def main():
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
 
-    entry = load_params(args.params)["datasets"][args.dataset]
-    prepared, dialogues = ADAPTERS[entry["adapter"]](DatasetFiles(entry["files"]), entry.get("options") or {})
+    params = load_params(args.params)
+    prepared, dialogues = build_dataset(params, args.dataset, source=args.params)
+    probe_features(args.dataset, prepared.table, prepared.features, prepared.meta, max_gap=leakage_max_gap(params, source=args.params))
     save(prepared, args.out, expected_dialogues=dialogues)
     for split, c in counts(prepared.table).items():
         print(f"{args.dataset} {split}: {c}")

@@ -1,7 +1,10 @@
 """Stage `report`: the leaderboard's runs evaluated again -> reports/report/index.html (one self-contained page),
 its tables and figures, and an MLflow parent run of the leaderboard's runs holding the same files.
 
-    python pipelines/report.py runs/*/*.json --leaderboard reports/leaderboard.csv --out reports/report
+    python pipelines/report.py runs/tuned --leaderboard reports/leaderboard.csv --out reports/report
+
+The runs are the leaderboard's: a folder of run lists (`<folder>/<dataset>/<model>.json`, for params' `pipeline`
+lists) or run-list files named one by one.
 """
 
 import argparse
@@ -21,7 +24,7 @@ from erc.params import load_params, stage_main
 @stage_main
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("run_files", nargs="+", help="train stage outputs (JSON lists of MLflow run ids)")
+    parser.add_argument("runs", nargs="+", help="folders of train stage outputs, or the outputs themselves")
     parser.add_argument("--leaderboard", required=True, help="the leaderboard stage's CSV")
     parser.add_argument("--models-doc", default="docs/models.md", help="published numbers are read from here")
     parser.add_argument("--out", required=True)
@@ -29,9 +32,12 @@ def main():
     args = parser.parse_args()
 
     params = load_params(args.params)
+    pipeline = params.get("pipeline") or {}
+    models = (pipeline.get("models") or []) + (pipeline.get("distilled") or [])
+    files, _ = leaderboard.run_files(args.runs, pipeline.get("datasets") or [], models)
     uri = tracking.tracking_uri()
     client = mlflow.MlflowClient(uri)
-    runs = leaderboard.fetch_runs(client, leaderboard.run_ids_from(sorted(args.run_files)))
+    runs = leaderboard.fetch_runs(client, leaderboard.run_ids_from(sorted(files)))
     board = pd.read_csv(args.leaderboard)
     published = report.published_numbers(args.models_doc)
     evaluated = report.evaluate(runs, params.get("data_dir", "data"), uri)

@@ -3,11 +3,12 @@
 The `teacher.model` of params trained on `teacher.modality` alone (one seed, selected on validation like
 every run, tracked in MLflow with tag role=teacher); its checkpoint directory is the stage's output.
 
-    python pipelines/teacher.py meld --out runs/meld/teacher
+    python pipelines/teacher.py meld --out runs/teacher/meld
 """
 
 import argparse
 
+from erc.config import teacher_settings
 from erc.params import load_params, stage_main
 from erc.train import configs_from_params, run
 
@@ -23,11 +24,11 @@ def main():
     args = parser.parse_args()
 
     params = load_params(args.params, args.set)
-    teacher = params["teacher"]
-    (cfg,) = configs_from_params(params, args.dataset, teacher["model"], source=args.params, seeds=[teacher["seed"]],
-                                 modalities=[teacher["modality"]])
+    teacher = teacher_settings(params, source=args.params)
+    (cfg,) = configs_from_params(params, args.dataset, teacher.model, source=args.params, seeds=[teacher.seed],
+                                 modalities=[teacher.modality])
     result = run(cfg, tags={"role": "teacher"}, export_checkpoint=args.out)
-    print(f"teacher {args.dataset}: {teacher['model']} on {teacher['modality']}, "
+    print(f"teacher {args.dataset}: {teacher.model} on {teacher.modality}, "
           f"validation wF1 {result['selected_val_wf1']:.2f}, run {result['run_id']}")
 
 

@@ -1,7 +1,7 @@
 """Stage `train@<dataset>-<model>`: one Ray Train run per seed, each an MLflow run; writes the run list.
 
-    python pipelines/train.py --dataset meld --model baseline --out runs/meld/baseline.json
-    python pipelines/train.py --dataset meld --model summer --teacher runs/meld/teacher --out runs/meld/summer.json
+    python pipelines/train.py --dataset meld --model baseline --config tuned/meld/baseline.yaml --out runs/tuned/meld/baseline.json
+    python pipelines/train.py --dataset meld --model summer --teacher runs/teacher/meld --out runs/default/meld/summer.json
 """
 
 import time
@@ -11,6 +11,7 @@ STARTED = time.time()  # the imports below count as the run's start-up (time_dri
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from erc.config import check_teacher  # noqa: E402
 from erc.io import write_json  # noqa: E402
 from erc.params import load_params, stage_main  # noqa: E402
 from erc.train import configs_from_params, run_all  # noqa: E402
@@ -29,6 +30,7 @@ def main():
                         help="override a param, e.g. --set train.num_workers=4 --set data_dir=/mnt/erc/data")
     args = parser.parse_args()
 
+    check_teacher(args.model, args.teacher)
     overrides = {"teacher_checkpoint": str(Path(args.teacher).resolve())} if args.teacher else None
     params = load_params(args.params, args.set)
     variant = "default"

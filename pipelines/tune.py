@@ -13,9 +13,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from erc.config import check_teacher, tune_settings
 from erc.params import load_params, stage_main
 from erc.train import configs_from_params, init_ray, resolve_locations
-from erc.tune import SearchInterrupted, default_name, search, space_for, write_best
+from erc.tune import SearchInterrupted, default_name, discard, search, space_for, write_best
 
 
 @stage_main
@@ -27,26 +28,31 @@ def main():
     parser.add_argument("--trials", type=int, help="trial budget (default: tune.trials)")
     parser.add_argument("--name", help="search name, the folder under tune.storage_path (default: tune-<dataset>-<model>)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted search of this name")
+    parser.add_argument("--replace", action="store_true",
+                        help="start afresh, discarding an earlier search of this name (a pipeline's rerun)")
     parser.add_argument("--teacher", help="checkpoint directory of SUMMER's frozen teacher")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     args = parser.parse_args()
 
+    check_teacher(args.model, args.teacher)
     params = load_params(args.params, args.set)
-    tune = params.get("tune") or {}
+    tune = tune_settings(params, source=args.params)
     space = space_for(params, args.model, source=args.params)
     overrides = {"teacher_checkpoint": str(Path(args.teacher).resolve())} if args.teacher else None
     (base,) = configs_from_params(params, args.dataset, args.model, source=args.params,
                                   seeds=params["train"]["seeds"][:1], model_overrides=overrides)
+    base.epochs = tune.epochs or base.epochs
     resolve_locations(base)
+    name = args.name or default_name(args.dataset, args.model)
+    if args.replace and not args.resume:
+        discard(tune.storage_path, name)
     init_ray()
     try:
-        best = search(base, space, trials=args.trials or tune.get("trials", 20),
-                      storage_path=tune.get("storage_path", "ray_results/tune"),
-                      name=args.name or default_name(args.dataset, args.model),
-                      cpus_per_trial=tune.get("cpus_per_trial", 1), max_concurrent=tune.get("max_concurrent"),
-                      grace_period=tune.get("grace_period", 3),
-                      reduction_factor=tune.get("reduction_factor", 2), seed=tune.get("seed", 0), resume=args.resume)
+        best = search(base, space, trials=args.trials or tune.trials, storage_path=tune.storage_path, name=name,
+                      cpus_per_trial=tune.cpus_per_trial, max_concurrent=tune.max_concurrent,
+                      grace_period=tune.grace_period, reduction_factor=tune.reduction_factor, seed=tune.seed,
+                      resume=args.resume)
     except SearchInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         sys.exit(130)

@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from erc.data import canonical, meld, mosi, readers
+from erc.data import canonical, conversations, mosi, readers
 from erc.data.canonical import FeatureSet, Prepared, make_table
 from erc.data.text_repair import decode, repair
 from erc.errors import ErcDataError
@@ -302,7 +302,6 @@ def test_readers_accept_good_files(tmp_path):
     path.write_text("1,2.5\n3,4\n")
     matrix = readers.read_matrix_csv(path, columns=2)
     assert matrix.dtype == np.float32 and matrix.tolist() == [[1.0, 2.5], [3.0, 4.0]]
-    assert readers.label_ids(pd.Series(["b", "a", "b"]), ["a", "b"], source="s").tolist() == [1, 0, 1]
 
 
 # ----------------------------------------------------------------------------------------------- MELD
@@ -320,15 +319,23 @@ MELD_ROWS = {  # deliberately out of order: dialogue 10 before 2, utterance 1 be
 }
 
 
+MELD_SPLITS = {"train": "train", "valid": "dev", "test": "test"}  # split -> file stem
+MELD_OPTIONS = yaml.safe_load((REPO / "params.yaml").read_text())["datasets"]["meld"]["options"]  # the real entry
+
+
 def meld_files(mirror: Path, rows: dict | None = None, header: str = MELD_HEADER) -> dict:
     rows = rows or MELD_ROWS
-    for stem in ("train", "dev", "test"):
+    for stem in MELD_SPLITS.values():
         write(mirror, f"MELD/{stem}_sent_emo.csv", header.encode() + b"".join(rows[stem]))
-    return {stem: entry(mirror, f"MELD/{stem}_sent_emo.csv") for stem in ("train", "dev", "test")}
+    return {split: entry(mirror, f"MELD/{stem}_sent_emo.csv") for split, stem in MELD_SPLITS.items()}
+
+
+def meld_entry(files: dict) -> dict:
+    return {"adapter": "conversations", "files": files, "options": MELD_OPTIONS}
 
 
 def test_meld_build_and_save(offline, tmp_path):
-    prep, dialogues = meld.build(DatasetFiles(meld_files(offline), cache=tmp_path / "cache"), {})
+    prep, dialogues = conversations.build(DatasetFiles(meld_files(offline), cache=tmp_path / "cache"), MELD_OPTIONS)
     out = tmp_path / "prepared" / "meld"
     canonical.save(prep, out, expected_dialogues=dialogues)
     t = canonical.load(out).table
@@ -351,11 +358,11 @@ def test_meld_build_and_save(offline, tmp_path):
     assert meta["counts"]["train"] == {"dialogues": 2, "utterances": 4,
                                        "emotion": {"anger": 1, "joy": 1, "neutral": 1, "surprise": 1},
                                        "sentiment": {"negative": 1, "neutral": 1, "positive": 2}}
-    assert meta["sources"]["dev"]["sha256"] == sha256_of(offline / BASE / "MELD" / "dev_sent_emo.csv")
+    assert meta["sources"]["valid"]["sha256"] == sha256_of(offline / BASE / "MELD" / "dev_sent_emo.csv")
 
 
 def test_meld_stage_runs(offline, tmp_path):
-    result, out = run_prepare(tmp_path, "meld", {"adapter": "meld", "files": meld_files(offline)}, offline)
+    result, out = run_prepare(tmp_path, "meld", meld_entry(meld_files(offline)), offline)
     assert result.returncode == 0, result.stderr
     assert (out / "utterances.parquet").is_file() and (out / "meta.json").is_file()
     assert [line.split(":")[0] for line in result.stdout.splitlines()] == ["meld train", "meld valid", "meld test"]
@@ -365,13 +372,14 @@ def _drop_emotion(mirror):
     files = meld_files(mirror)
     dev = [row.replace(b",fear,", b",").replace(b",sadness,", b",") for row in MELD_ROWS["dev"]]
     path = write(mirror, "MELD/dev_sent_emo.csv", MELD_HEADER.replace("Emotion,", "").encode() + b"".join(dev))
-    files["dev"] = entry(mirror, "MELD/dev_sent_emo.csv")
-    return files, path, ["missing column(s) ['Emotion']"]
+    files["valid"] = entry(mirror, "MELD/dev_sent_emo.csv")
+    return files, path, ["missing column 'Emotion' (options.columns.emotion)"]
 
 
 def _unknown_label(mirror):
     rows = {**MELD_ROWS, "test": [MELD_ROWS["test"][0].replace(b"disgust", b"happy"), MELD_ROWS["test"][1]]}
-    return meld_files(mirror, rows), mirror / BASE / "MELD" / "test_sent_emo.csv", ["unknown label(s) ['happy']"]
+    return meld_files(mirror, rows), mirror / BASE / "MELD" / "test_sent_emo.csv", ["row 2, column Emotion: emotion label "
+                                                                                    "'happy': it is not one of"]
 
 
 def _checksum_mismatch(mirror):
@@ -383,7 +391,7 @@ def _checksum_mismatch(mirror):
 def _missing_file(mirror):
     files = meld_files(mirror)
     (mirror / BASE / "MELD" / "dev_sent_emo.csv").unlink()
-    return files, files["dev"]["url"], ["missing file", "download failed"]
+    return files, files["valid"]["url"], ["missing file", "download failed"]
 
 
 def _malformed_csv(mirror):
@@ -393,7 +401,8 @@ def _malformed_csv(mirror):
 
 def _bad_utterance_id(mirror):
     rows = {**MELD_ROWS, "test": [MELD_ROWS["test"][0].replace(b",0,0,2,2,", b",0,x1,2,2,"), MELD_ROWS["test"][1]]}
-    return meld_files(mirror, rows), mirror / BASE / "MELD" / "test_sent_emo.csv", ["non-integer Utterance_ID 'x1'"]
+    return meld_files(mirror, rows), mirror / BASE / "MELD" / "test_sent_emo.csv", ["row 2, column Utterance_ID: turn 'x1' "
+                                                                                    "is not a number"]
 
 
 @pytest.mark.parametrize("make", [_drop_emotion, _unknown_label, _checksum_mismatch, _missing_file, _malformed_csv,
@@ -402,7 +411,7 @@ def _bad_utterance_id(mirror):
                               "non-integer-id"])
 def test_meld_stage_bad_input(offline, tmp_path, make):
     files, culprit, fragments = make(offline)
-    result, out = run_prepare(tmp_path, "meld", {"adapter": "meld", "files": files}, offline)
+    result, out = run_prepare(tmp_path, "meld", meld_entry(files), offline)
     assert_stage_failed(result, out, culprit, *fragments)
     assert result.stdout == ""
     assert files_under(tmp_path / "work" / "data") == []  # no partial download in the cache either
@@ -411,7 +420,7 @@ def test_meld_stage_bad_input(offline, tmp_path, make):
 def test_meld_bad_input_in_process_names_the_file(offline, tmp_path):
     files, culprit, fragments = _unknown_label(offline)
     with pytest.raises(ErcDataError) as e:
-        meld.build(DatasetFiles(files, cache=tmp_path / "cache"), {})
+        conversations.build(DatasetFiles(files, cache=tmp_path / "cache"), MELD_OPTIONS)
     assert all(f in one_line(e.value, culprit) for f in fragments)
 
 

@@ -13,9 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from erc.data import ADAPTERS
+from erc.data import build_dataset
 from erc.data.canonical import save
-from erc.sources import DatasetFiles
 
 ROOT = Path(__file__).resolve().parent.parent
 MIRROR = Path(os.environ.get("ERC_DATA_MIRROR") or ROOT.parent / "shared" / "data").resolve()
@@ -28,9 +27,8 @@ PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 def prepared(tmp_path_factory):
     os.environ["ERC_DATA_MIRROR"] = str(MIRROR)
     out = {}
-    for name, entry in PARAMS["datasets"].items():
-        prep, dialogues = ADAPTERS[entry["adapter"]](DatasetFiles(entry["files"], tmp_path_factory.mktemp("cache")),
-                                                    entry.get("options") or {})
+    for name in PARAMS["datasets"]:
+        prep, dialogues = build_dataset(PARAMS, name, cache=tmp_path_factory.mktemp("cache"))
         save(prep, tmp_path_factory.mktemp("prepared") / name, expected_dialogues=dialogues)
         out[name] = prep
     return out
@@ -77,6 +75,7 @@ def test_iemocap_counts_and_cosmic_crosscheck(prepared):
 def _quick_params(clone: Path) -> None:
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["train"].update(seeds=[0, 1, 2], epochs=6, patience=3)
+    params["tune"].update(trials=2, epochs=3, grace_period=1)  # a short search per pair: `dvc repro` runs them first
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

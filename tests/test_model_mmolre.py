@@ -354,3 +354,36 @@ def test_parameter_counts_against_full_rank_experts(tasks):
                                           for p in m.parameters())
     assert counts["experts"] < counts["dense_experts"]
     assert counts["total"] - counts["experts"] == counts["dense_equivalent"] - counts["dense_experts"]
+
+
+# ---------------------------------------------------------------- the dialogue-context switch (a departure)
+
+
+def test_dialogue_context_reaches_beyond_two_neighbours(tasks):
+    """Without the switch an utterance sees +-2 neighbours (two kernel-3 blocks); with it, the whole dialogue."""
+    task = tasks["emotion"]
+    data = task.splits["train"]
+    _, long, _ = shortest_and_longest(data)
+    n = len(data.dialogues[long].rows)
+    assert n >= 4  # the last utterance lies beyond the first one's +-2 window
+    batch = data.collate([long])
+    far = batch.features["text"].clone()
+    far[0, n - 1] += 5.0  # change the last utterance only
+    changed = Batch({**batch.features, "text": far}, batch.modality_mask, batch.mask, batch.speakers, batch.labels,
+                    batch.sentiment, batch.score, batch.rows)
+    for context, reaches in (("none", False), ("gru", True)):
+        model = model_for(task.spec, dialogue_context=context).eval()
+        with torch.no_grad():
+            first = model(batch).logits[0, 0], model(changed).logits[0, 0]
+        assert (not torch.allclose(*first, atol=1e-6)) == reaches, context
+    with pytest.raises(ValueError, match="dialogue_context"):
+        model_for(task.spec, dialogue_context="lstm")
+
+
+def test_dialogue_context_keeps_padding_invariance(tasks):
+    task = tasks["meld"]
+    data = task.splits["train"]
+    short, long, n = shortest_and_longest(data)
+    model = model_for(task.spec, dialogue_context="gru").eval()
+    alone, batch, together = alone_and_padded(model, data.collate, short, long, n)
+    torch.testing.assert_close(together.logits[1, :n], alone.logits[0, :n], atol=1e-5, rtol=0)

@@ -1,5 +1,7 @@
 """Stage programs on bad params: exit 1 with one line naming the params file, before any work starts."""
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +23,8 @@ def run_train(tmp_path, params: dict, model="baseline", dataset="meld"):
 @pytest.mark.parametrize("change, model, dataset, fragment", [
     (lambda p: None, "no_such_model", "meld", "unknown model 'no_such_model'"),
     (lambda p: None, "baseline", "no_such_dataset", "no inputs.no_such_dataset entry"),
-    (lambda p: p["models"]["baseline"].update(hiddn=3), "baseline", "meld", "unexpected keyword argument 'hiddn'"),
-    (lambda p: p["train"].update(learning_rate=3), "baseline", "meld", "unexpected keyword argument 'learning_rate'"),
+    (lambda p: p["models"]["baseline"].update(hiddn=3), "baseline", "meld", "models.baseline.hiddn: unknown key"),
+    (lambda p: p["train"].update(learning_rate=3), "baseline", "meld", "train.learning_rate: unknown key"),
 ])
 def test_train_stage_rejects_bad_params(tmp_path, change, model, dataset, fragment):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -55,3 +57,103 @@ def test_teacher_takes_one_modality_and_the_teacher_seed():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     (cfg,) = configs_from_params(params, "iemocap", "baseline", seeds=[7], modalities=["text"])
     assert cfg.inputs == {"text": params["inputs"]["iemocap"]["text"]} and cfg.seed == 7
+
+
+def test_per_dataset_model_settings():
+    from erc.train import configs_from_params
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["models"]["sdt"]["per_dataset"] = {"meld": {"temperature": 8.0}}
+    (meld,) = configs_from_params(params, "meld", "sdt", seeds=[0])
+    (iemocap,) = configs_from_params(params, "iemocap", "sdt", seeds=[0])
+    assert meld.model_config["temperature"] == 8.0
+    assert "temperature" not in iemocap.model_config and "per_dataset" not in iemocap.model_config
+    params["models"]["sdt"]["per_dataset"] = {"meld": {"temprature": 8.0}}
+    with pytest.raises(Exception, match="temprature"):
+        configs_from_params(params, "meld", "sdt", seeds=[0])
+
+
+def test_class_weights_are_a_dataset_policy_not_a_model_setting():
+    from erc.errors import ErcDataError
+    from erc.train import configs_from_params
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["per_dataset"] = {"iemocap": {"class_weights": "balanced"}}
+    for model in ("baseline", "mister_e", "sdt", "mmolre", "summer"):
+        assert configs_from_params(params, "iemocap", model, seeds=[0])[0].class_weights == "balanced"
+        assert configs_from_params(params, "meld", model, seeds=[0])[0].class_weights == "none"
+    params["train"]["per_model"] = {"sdt": {"per_dataset": {"iemocap": {"class_weights": "sdt_iemocap"}}}}
+    with pytest.raises(ErcDataError, match="dataset's policy for every model"):
+        configs_from_params(params, "iemocap", "sdt", seeds=[0])
+
+
+def test_the_class_weight_policy_reaches_every_model_alike(tiny_emotion):
+    import numpy as np
+    import torch
+
+    from erc.errors import ErcDataError
+    from erc.models import MODELS, build_model
+    from erc.train import TrainConfig, load_task
+    from tests.fixtures import INPUTS
+
+    def spec(policy):
+        cfg = TrainConfig(dataset="tiny", prepared=str(tiny_emotion), inputs=dict(INPUTS), class_weights=policy)
+        return load_task(cfg, splits=("train",)).spec
+
+    task = load_task(TrainConfig(dataset="tiny", prepared=str(tiny_emotion), inputs=dict(INPUTS)), splits=("train",))
+    balanced = spec("balanced")
+    assert spec("none").class_weights is None
+    counts = np.bincount(task.prepared.table.query("split == 'train'")["emotion_id"], minlength=3)
+    np.testing.assert_allclose(balanced.class_weights, counts.sum() / (3 * counts))
+    for name in MODELS:
+        model = build_model(name, balanced, {})
+        torch.testing.assert_close(model.class_weights, torch.tensor(balanced.class_weights, dtype=torch.float32),
+                                   msg=f"{name} does not weight its loss by the dataset's policy")
+    with pytest.raises(ErcDataError, match="labels"):
+        spec("sdt_iemocap")  # IEMOCAP's six labels, not the fixture's three
+    with pytest.raises(ErcDataError, match="not none, balanced"):
+        spec("balnced")
+
+
+def stage_names(project: Path) -> set[str]:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    listed = subprocess.run(["dvc", "stage", "list", "--all", "--name-only"], cwd=project, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    return set(listed.stdout.split())
+
+
+PIPELINES = ("dvc.yaml", "tuned/dvc.yaml", "untuned/dvc.yaml")
+
+
+def test_stages_follow_the_pipeline_lists_of_params(tmp_path):
+    """dvc.yaml and tuned/dvc.yaml name no dataset or model: a dataset added to (or removed from) params'
+    `pipeline` lists adds (or removes) its stages in both, and nothing else changes."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    pipeline = params["pipeline"]
+    for name in PIPELINES:
+        text = (ROOT / name).read_text()
+        named = [n for n in pipeline["datasets"] + pipeline["models"] + pipeline["distilled"]
+                 if re.search(rf"\b{n}\b", text.replace("benchmarks/results", ""))]
+        assert named == [], f"{name} names {named}"
+    project = tmp_path / "p"
+    for name in PIPELINES:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text((ROOT / name).read_text())
+    (project / ".dvc").mkdir()
+    (project / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    before = stage_names(project)
+    params["pipeline"]["datasets"] = [d for d in pipeline["datasets"] if d != "mosi"] + ["talk"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    after = stage_names(project)
+    models = pipeline["models"] + pipeline["distilled"]
+    per_dataset = lambda d: ({f"{s}@{d}" for s in ("prepare", "featurize", "teacher")}  # noqa: E731
+                             | {f"train@{d}-{m}" for m in pipeline["models"]}
+                             | {f"train_distilled@{d}-{m}" for m in pipeline["distilled"]}
+                             | {f"tuned/dvc.yaml:tune@{d}-{m}" for m in pipeline["models"]}
+                             | {f"tuned/dvc.yaml:tune_distilled@{d}-{m}" for m in pipeline["distilled"]}
+                             | {f"untuned/dvc.yaml:train_untuned@{d}-{m}" for m in pipeline["models"]}
+                             | {f"untuned/dvc.yaml:train_untuned_distilled@{d}-{m}" for m in pipeline["distilled"]})
+    assert after - before == per_dataset("talk") and before - after == per_dataset("mosi")
+    assert len(per_dataset("talk")) == 3 + len(models) * 3

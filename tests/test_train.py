@@ -236,3 +236,27 @@ def test_run_records_its_environment_and_phase_times(emotion_run, tmp_path):
     for phase in ("data_load", "train", "valid", "test", "checkpoint", "mlflow", "worker_start",
                   "driver_ray_init", "driver_mlflow"):
         assert r.data.metrics[f"time_{phase}_s"] >= 0, phase
+
+
+def test_a_local_ray_is_found_by_its_own_processes_beside_another_ray(ray_session, tmp_path):
+    """Two Rays on one machine (this test session's and an erc command's local one): the Ray processes of the
+    erc command that look for "the" cluster (Ray Train's placement-group cleaner does) must find their own."""
+    import subprocess
+    import sys
+
+    script = (
+        "import ray\n"
+        "from erc.train import init_ray\n"
+        "init_ray()\n"
+        "@ray.remote\n"
+        "def found():\n"
+        "    from ray._private.services import canonicalize_bootstrap_address_or_die\n"
+        "    return canonicalize_bootstrap_address_or_die(None)\n"
+        "print(ray.get(found.remote()), ray._private.worker._global_node.gcs_address)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("RAY_ADDRESS", "RAY_TMPDIR")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    found, own = done.stdout.split()[-2:]
+    assert found == own and own != ray_session.address

@@ -3,6 +3,7 @@
 A prepared dataset is a directory:
 
     utterances.parquet     one row per utterance, in dialogue order (columns: COLUMNS)
+    media.parquet          utterance_id and a media file path per modality, only when the corpus names them
     meta.json              label names, target task, sources with their sha256, counts, notes
     features/<name>.npy    float32 (n_utterances, dim), row-aligned with the table
     features/<name>.json   {"modality", "dim", "source", "missing", ...}
@@ -15,6 +16,7 @@ sentiment score is NaN where a dataset has none.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +69,7 @@ class Prepared:
     table: pd.DataFrame
     meta: dict
     features: dict[str, FeatureSet]
+    media: pd.DataFrame | None = None  # utterance_id and a file path per modality (media.parquet), when known
 
     @property
     def emotion_labels(self) -> list[str]:
@@ -89,6 +92,13 @@ def make_table(records: list[dict] | pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise ValueError(f"canonical table lacks columns {missing}")
     return df[list(COLUMNS)].astype(COLUMNS).reset_index(drop=True)
+
+
+def validation_dialogues(dialogues, fraction: float, seed: int) -> set[str]:
+    """The training dialogues that become validation when a corpus ships none: a `fraction` of them, chosen by
+    sha256(`<seed>:<dialogue>`), so the choice is deterministic and independent of file order."""
+    ranked = sorted(dialogues, key=lambda d: hashlib.sha256(f"{seed}:{d}".encode()).hexdigest())
+    return set(ranked[: round(fraction * len(ranked))])
 
 
 def check_features(values: np.ndarray, *, source, dim: int | None = None, rows: int | None = None) -> np.ndarray:
@@ -188,6 +198,8 @@ def save(prep: Prepared, directory, *, expected_dialogues=None) -> None:
     with atomic_path(directory) as tmp:
         tmp.mkdir()
         prep.table.to_parquet(tmp / "utterances.parquet", index=False)
+        if prep.media is not None:
+            prep.media.to_parquet(tmp / "media.parquet", index=False)
         for fs in prep.features.values():
             save_features(tmp / "features", fs)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -206,13 +218,25 @@ def load(directory, *, extra_feature_dirs=(), feature_names=None) -> Prepared:
         feature_names = [p.stem for d in search if d.is_dir() for p in sorted(d.glob("*.json"))]
     features = {}
     for name in feature_names:
-        found = [d for d in search if (d / f"{name}.json").is_file()]
-        if not found:
-            raise ErcDataError(directory, f"feature set {name!r} not found in {[str(d) for d in search]}")
-        features[name] = load_features(found[0], name)
+        found = feature_dir(directory, extra_feature_dirs, name)
+        features[name] = load_features(found, name)
         if features[name].values.shape[0] != len(table):
-            raise ErcDataError(found[0] / f"{name}.npy", f"{features[name].values.shape[0]} rows for {len(table)} utterances")
+            raise ErcDataError(found / f"{name}.npy", f"{features[name].values.shape[0]} rows for {len(table)} utterances")
     return Prepared(table, meta, features)
+
+
+def feature_dir(directory, extra_feature_dirs, name: str) -> Path:
+    """Where feature set `name` of a prepared dataset lives: its own features, then the computed ones."""
+    search = [Path(directory) / "features", *map(Path, extra_feature_dirs)]
+    for d in search:
+        if (d / f"{name}.json").is_file():
+            return d
+    raise ErcDataError(directory, f"feature set {name!r} not found in {[str(d) for d in search]}")
+
+
+def feature_info(directory, extra_feature_dirs, name: str) -> dict:
+    """A feature set's description (its JSON: modality, dim, encoder, label_derived, leakage_probe...)."""
+    return json.loads((feature_dir(directory, extra_feature_dirs, name) / f"{name}.json").read_text())
 
 
 def counts(table: pd.DataFrame) -> dict:

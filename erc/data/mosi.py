@@ -13,13 +13,11 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import h5py
 import numpy as np
 import pandas as pd
 
-from erc.data.canonical import FeatureSet, Prepared, make_table
+from erc.data.canonical import FeatureSet, Prepared, make_table, validation_dialogues
 from erc.data.readers import read_csv, read_matrix_csv
 from erc.errors import ErcDataError
 from erc.sources import DatasetFiles
@@ -27,6 +25,12 @@ from erc.sources import DatasetFiles
 SENTIMENTS = ["negative", "positive"]
 FEATURE_DIMS = {"text": 100, "audio": 73, "video": 100}
 
+
+
+# bc-LSTM's text and video features are the hidden states of networks trained with the sentiment labels of MOSI's
+# whole training split, which holds erc's validation videos; its audio set is openSMILE's, made without labels.
+LABEL_DERIVED = {m: {"label_derived": True, "label_derived_why": "learnt with the labels of MOSI's training split, "
+                     "which holds erc's validation videos"} for m in ("text", "video")}
 
 def read_scores(path) -> dict[str, float]:
     """Transcript id -> continuous sentiment, from the SDK's computational sequence."""
@@ -42,11 +46,6 @@ def read_scores(path) -> dict[str, float]:
     except (OSError, KeyError) as e:
         raise ErcDataError(path, f"not a MOSI opinion-label computational sequence ({e})") from None
     return scores
-
-
-def validation_videos(videos, fraction: float, seed: int) -> set[str]:
-    ranked = sorted(videos, key=lambda v: hashlib.sha256(f"{seed}:{v}".encode()).hexdigest())
-    return set(ranked[: round(fraction * len(ranked))])
 
 
 def build(files: DatasetFiles, options: dict) -> tuple[Prepared, list[str]]:
@@ -80,7 +79,7 @@ def build(files: DatasetFiles, options: dict) -> tuple[Prepared, list[str]]:
 
     table["dialogue_id"] = table["utterance_id"].str.rsplit("_", n=1).str[0]
     table["k"] = table["utterance_id"].str.rsplit("_", n=1).str[1].astype(int)
-    valid = validation_videos(sorted(table.loc[table["split"] == "train", "dialogue_id"].unique()),
+    valid = validation_dialogues(sorted(table.loc[table["split"] == "train", "dialogue_id"].unique()),
                               options.get("valid_fraction", 0.15), options.get("valid_seed", 0))
     table.loc[table["dialogue_id"].isin(valid), "split"] = "valid"
     table["sentiment_score"] = table["utterance_id"].map(scores)
@@ -97,7 +96,8 @@ def build(files: DatasetFiles, options: dict) -> tuple[Prepared, list[str]]:
     source_names = {"text": "text_{}", "audio": "audio_{}", "video": "video_{}"}
     features = {
         f"bclstm_{m}": FeatureSet(f"bclstm_{m}", m, np.concatenate(feats[m])[order].astype(np.float32),
-                                  [files.entries[source_names[m].format(s)]["url"] for s in ("train", "test")])
+                                  [files.entries[source_names[m].format(s)]["url"] for s in ("train", "test")],
+                                  info=dict(LABEL_DERIVED.get(m, {"label_derived": False})))
         for m in FEATURE_DIMS
     }
     meta = {

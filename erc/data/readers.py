@@ -43,11 +43,3 @@ def read_json(path):
     except (OSError, ValueError) as e:
         raise ErcDataError(path, f"unreadable JSON ({e})") from None
 
-
-def label_ids(names: pd.Series, label_set: list[str], *, source) -> np.ndarray:
-    """Map label names to ids; an unknown name is an error naming `source`."""
-    index = {n: i for i, n in enumerate(label_set)}
-    unknown = sorted(set(names) - set(index))
-    if unknown:
-        raise ErcDataError(source, f"unknown label(s) {unknown}; expected one of {label_set}")
-    return names.map(index).to_numpy(dtype=np.int16)

@@ -30,7 +30,12 @@ Departures from the paper, forced by the data here
 - The paper's experts convolve over the tokens (or audio frames) of one utterance. erc's features are one
   vector per utterance, so the convolutions run over the utterances of the dialogue: kernel 3 sees the
   previous and next utterance, and two blocks give each utterance a context of +-2 utterances. This is the
-  model's only context modelling (MMoLRE was built for single utterances; no context encoder is added).
+  model's only context modelling by default (MMoLRE was built for single utterances).
+- `dialogue_context="gru"` (a switch, off by default) adds the smallest dialogue-context layer that keeps the
+  paper's design: after each modality's input projection, a bidirectional GRU over the dialogue's utterances,
+  added residually (x + GRU(x)), so the experts see a context-aware vector per utterance; everything after it
+  is unchanged. The leaderboard runs it as the variant `mmolre` with `models.mmolre.dialogue_context: gru`
+  where it helps on validation.
 - An input projection (Linear -> LayerNorm -> dropout) maps each modality to `hidden`, so any feature
   dim works; with the paper's 768-d features it would be a learned 768 -> 768 map.
 - The paper evaluates on MOSI/MOSEI (sentiment score + emotion labels). Here the tasks follow the data:
@@ -90,7 +95,7 @@ from torch import nn
 
 from erc.data.dialogues import IGNORE, Batch
 from erc.models import Gates, ModelOutput, ModelSpec, register
-from erc.models.blocks import LowRankExpert, cross_entropy, load_balance, score_l1, top_k_gates
+from erc.models.blocks import LowRankExpert, MaskedBiGRU, cross_entropy, load_balance, score_l1, top_k_gates
 
 
 @dataclass
@@ -105,6 +110,7 @@ class MMoLREConfig:
     sentiment_weight: float = 1.0  # weight of ce_sentiment (MELD's second task, or MOSI's only task)
     score_weight: float = 1.0  # weight of score_l1 where the dataset has a continuous score
     balance_weight: float = 0.01  # weight of the load-balancing term; 0 drops it
+    dialogue_context: str = "none"  # "gru": a residual BiGRU over the utterances before UniTSE (a departure)
 
 
 
@@ -184,6 +190,10 @@ class MMoLRE(nn.Module):
         d = config.hidden
         self.project = nn.ModuleDict({m: nn.Sequential(nn.Linear(spec.input_dims[m], d), nn.LayerNorm(d),
                                                        nn.Dropout(config.dropout)) for m in self.modalities})
+        if config.dialogue_context not in ("none", "gru"):
+            raise ValueError(f"dialogue_context must be 'none' or 'gru', got {config.dialogue_context!r}")
+        self.context = nn.ModuleDict({m: MaskedBiGRU(d, d // 2) for m in self.modalities}) \
+            if config.dialogue_context == "gru" else None
         self.unitse = nn.ModuleDict({m: nn.ModuleList(
             UniTSEBlock(d, config.rank, config.num_shared, self.tasks, config.top_k, config.dropout)
             for _ in range(config.num_blocks)) for m in self.modalities})
@@ -215,7 +225,10 @@ class MMoLRE(nn.Module):
         per_task = {t: [] for t in self.tasks}  # task -> [(B, T, d) per modality]
         for m in self.modalities:
             present = batch.modality_mask[m]  # (B, T): real utterance with this modality
-            x = self.project[m](batch.features[m]) * present.unsqueeze(-1).to(batch.features[m].dtype)
+            keep = present.unsqueeze(-1).to(batch.features[m].dtype)
+            x = self.project[m](batch.features[m]) * keep
+            if self.context is not None:
+                x = (x + self.context[m](x, batch.mask)) * keep
             streams = {t: x for t in self.tasks}  # the features, duplicated per task
             for i, block in enumerate(self.unitse[m]):
                 streams, gates, terms = block(streams, present)

@@ -33,8 +33,9 @@ Follows the official code
   (the official utterance mask: labelled or not); no T² factor by default (`kl_t_squared=False`).
 - Class-weighted CE is the weighted mean Σ w_y·nll / Σ w_y (the official weighted NLL). IEMOCAP_CLASS_WEIGHTS
   below are the official 1/[0.086747, 0.144406, 0.227883, 0.160585, 0.127711, 0.252668], in the COSMIC label
-  order hap, sad, neu, ang, exc, fru, which is erc's IEMOCAP order too; the pipeline passes them as the train
-  config's `class_weights` (the model uses spec.class_weights whenever given). MELD is unweighted.
+  order hap, sad, neu, ang, exc, fru, which is erc's IEMOCAP order too. erc's class weights are a dataset's
+  policy for every model alike (none by default); these are the named policy `sdt_iemocap`, for the variant that
+  reproduces the official setting (the model uses spec.class_weights whenever given). MELD is unweighted.
 - Defaults: temperature 1 (official IEMOCAP; the official MELD runs use 8), `max_speakers` 9 (the official
   MELD speaker count; IEMOCAP has 2). Official training (not part of this file): Adam, weight decay 1e-5;
   IEMOCAP lr 1e-4, batch 16, 150 epochs; MELD lr 5e-6, batch 8, 50 epochs.
