@@ -1,7 +1,7 @@
 """The `erc` command: a dispatcher over subcommands, each a module with `main(argv) -> int`.
 
     erc check-data meld              # what prepare would write for a dataset, and every problem, writing nothing
-    erc predict --model <run id | models:/name/version> conversation.csv
+    erc predict talk.csv --model erc-iemocap-mister_e@best   # a registered model on a new conversation
 
 A new subcommand is one line in COMMANDS.
 """
@@ -13,7 +13,7 @@ import sys
 
 COMMANDS = {  # name -> (module with main(argv), one line of help)
     "check-data": ("erc.check_data", "show what a dataset's adapter would produce, and every problem, writing nothing"),
-    "predict": ("erc.predict", "a trained model on a new conversation: emotions, probabilities, gates"),
+    "predict": ("erc.predict", "a trained model on a new conversation: each utterance's emotion, probabilities, gates"),
 }
 
 

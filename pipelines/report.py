@@ -1,7 +1,10 @@
 """Stage `report`: the leaderboard's runs evaluated again -> reports/report/index.html (one self-contained page),
 its tables and figures, and an MLflow parent run of the leaderboard's runs holding the same files.
 
-    python pipelines/report.py runs/*/*.json --leaderboard reports/leaderboard.csv --out reports/report
+    python pipelines/report.py runs/tuned --leaderboard reports/leaderboard.csv --out reports/report
+
+The runs are the leaderboard's: a folder of run lists (`<folder>/<dataset>/<model>.json`, for params' `pipeline`
+lists) or run-list files named one by one.
 """
 
 import argparse
