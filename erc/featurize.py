@@ -39,8 +39,8 @@ def audio_extractors(params: dict, wanted: list[str] | None, *, source="params.y
         raise ErcDataError(source, f"media sets {unknown} are not in featurize.acoustic or featurize.speech")
     out = {}
     for name, (family, spec) in specs.items():
-        if wanted is not None and name not in wanted:
-            continue
+        if (wanted is not None and name not in wanted) or spec.get("finetune") is not None:
+            continue  # a tuned speech encoder is stage 1's (finetune_speech)
         spec = dict(spec)
         try:
             if family == "acoustic":
@@ -120,10 +120,30 @@ def finetune_text(dataset: str, prepared: Prepared, table_source: str, name: str
     target = prepared.meta["target"]
     info = {k: v for k, v in vars(spec).items() if v is not None}
     record = finetune_and_featurize(prepared.table, prepared.table[f"{target}_id"].to_numpy(),
-                                    prepared.meta[f"{target}_labels"],
-                                    prompts(prepared.table, spec.template, spec.context_turns), out, name,
-                                    model=spec.model, pooling=spec.pooling, max_length=spec.max_length, cfg=cfg,
-                                    source=[table_source], info=info)
+                                    prepared.meta[f"{target}_labels"], out, name, model=spec.model, cfg=cfg,
+                                    source=[table_source], info=info,
+                                    texts=prompts(prepared.table, spec.template, spec.context_turns),
+                                    pooling=spec.pooling, max_length=spec.max_length)
+    yield from stage1_lines(dataset, name, record)
+
+
+def finetune_speech(dataset: str, prepared: Prepared, items, name: str, spec: dict, out, *, source="params.yaml"):
+    """Stage 1 for one speech encoder on one dataset (erc.stage1); yields the terminal lines."""
+    from erc.stage1 import FinetuneConfig, finetune_and_featurize
+
+    cfg = FinetuneConfig.from_params(spec["finetune"], source=source)
+    if cfg.datasets is not None and dataset not in cfg.datasets:
+        yield f"{dataset} {name}: not tuned on {dataset} (finetune.datasets), skipped"
+        return
+    target = prepared.meta["target"]
+    record = finetune_and_featurize(prepared.table, prepared.table[f"{target}_id"].to_numpy(),
+                                    prepared.meta[f"{target}_labels"], out, name, model=spec["model"], cfg=cfg,
+                                    source=[f"media:{name}"], info={k: v for k, v in spec.items() if v is not None},
+                                    items=items)
+    yield from stage1_lines(dataset, name, record)
+
+
+def stage1_lines(dataset: str, name: str, record: dict):
     for r in record["history"]:
         yield (f"{dataset} {name} stage 1 epoch {r['epoch']}: train loss {r['train_loss']:.4f}, "
                f"val wF1 {r['val_wf1']:.2f} ({r['epoch_s']:.0f} s)")
@@ -162,6 +182,9 @@ def featurize_dataset(dataset: str, prepared: Prepared, table_source: str, param
                    f"{rate:.1f} s of audio per s")
         if figures["bad_media"]:
             yield f"{dataset}: {figures['bad_media']} bad media files masked (first: {figures['bad_media_first'][0]})"
+    for name, spec in (section.get("speech") or {}).items():
+        if spec.get("finetune") is not None and (media.get("sets") is None or name in media["sets"]):
+            yield from finetune_speech(dataset, prepared, items, name, spec, out, source=source)
     if media.get("visual"):  # visual sets from the video's frames, by name (featurize.visual)
         from erc.vision import FrameEncoder
 

@@ -58,6 +58,7 @@ class SpeechEncoder:
     chunk_seconds: float = 20.0
     dtype: str = "auto"
     device: str = "auto"
+    finetune: dict | None = None  # stage 1: tune on the dataset's training labels first (erc.stage1.FinetuneConfig)
 
     def __post_init__(self):
         from transformers import AutoConfig

@@ -1,11 +1,12 @@
-"""Stage 1 (MiSTER-E): fine-tune a text encoder on the training split's utterance labels, then pool its features.
+"""Stage 1 (MiSTER-E): fine-tune a text or speech encoder on the training split's labels, then pool its features.
 
-A text encoder entry of `featurize.encoders` with a `finetune:` block gets its features from a copy of the
-encoder tuned on this dataset: LoRA adapters (peft; or every weight with `method: full`) and MiSTER-E's head
+A text encoder entry of `featurize.encoders` (or a speech encoder of `featurize.speech`) with a `finetune:`
+block gets its features from a copy of the encoder tuned on this dataset: LoRA adapters (peft; or every weight with `method: full`) and MiSTER-E's head
 (LayerNorm on the pooled state, then ReLU, dropout and a linear classifier) are trained with focal loss on the
 training split only; the epoch with the best validation weighted F1 is kept; the adapters are merged into the
-encoder, which then encodes every utterance (train, valid and test) like any other text encoder
-(`erc.features`). Test labels are never read.
+encoder, which then encodes every utterance (train, valid and test) like any other encoder of its kind
+(`erc.features`, `erc.speech`). Speech clips are cropped to `crop_seconds` while tuning (MiSTER-E: 5 s);
+the features are of the whole clip. Test labels are never read.
 
 The training runs in Ray Train's TorchTrainer (`num_workers` workers, GPUs with `use_gpu`), each worker
 taking its part of every batch under DDP; validation predictions are gathered and scored once. Rank 0
@@ -28,6 +29,8 @@ from erc.errors import ErcDataError
 
 LORA_TARGETS = {  # peft knows most models' attention projections; these are the ones it may not
     "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    **{kind: ["q_proj", "v_proj"] for kind in ("wav2vec2", "wavlm", "hubert", "data2vec-audio", "whisper",
+                                                "qwen2_audio_encoder")},
 }
 
 
@@ -48,6 +51,7 @@ class FinetuneConfig:
     epochs: int = 3
     batch_size: int = 32  # utterances per optimizer step, over all workers
     max_train_utterances: int | None = None  # a random subset of the training split (a quick run)
+    crop_seconds: float = 5.0  # speech: clips cut to this while tuning
     seed: int = 0
     datasets: list | None = None  # the datasets to tune on (None: every dataset featurized)
     num_workers: int = 1
@@ -74,11 +78,94 @@ class Classifier(nn.Module):
         self.encoder, self.pooling = encoder, pooling
         self.head = nn.Sequential(nn.LayerNorm(hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, classes))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
+        """`inputs` for the encoder; `positions`: the (B, T) mask of its real output positions, or (B,) their
+        count when the padding is at the end."""
         from erc.features import pool
 
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(pool(hidden, attention_mask, self.pooling).float())
+        hidden = self.encoder(**inputs).last_hidden_state
+        mask = positions if positions.dim() == 2 else \
+            (torch.arange(hidden.shape[1], device=hidden.device)[None] < positions[:, None]).long()
+        return self.head(pool(hidden, mask, self.pooling).float())
+
+
+class TextInputs:
+    """Utterance texts -> token batches; the tuned encoder's features through `erc.features.encode_texts`."""
+
+    modality = "text"
+
+    def __init__(self, config: dict, device: torch.device):
+        from erc.features import default_pooling, load_encoder
+
+        self.config, self.device = config, device
+        self.tokenizer, self.encoder = load_encoder(config["model"], dtype=config["info"].get("dtype", "auto"),
+                                                    device=str(device))
+        if config["info"].get("template"):
+            self.tokenizer.truncation_side = "left"  # keep the utterance at the end, as erc.features does
+        self.pooling = default_pooling(self.encoder) if config["pooling"] == "auto" else config["pooling"]
+        self.hidden = getattr(self.encoder.config, "hidden_size", None) or self.encoder.config.d_model
+        self.ids = self.tokenizer(config["texts"], truncation=True, max_length=config["max_length"])["input_ids"]
+
+    def batch(self, rows) -> tuple[dict, torch.Tensor]:
+        padded = self.tokenizer.pad({"input_ids": [self.ids[i] for i in rows]}, return_tensors="pt").to(self.device)
+        return ({"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]},
+                padded["attention_mask"])  # the mask itself: right or left padding alike
+
+    def write(self, tuned: nn.Module, out: Path, info: dict) -> None:
+        from erc.features import encode_texts, feature_file
+
+        texts = self.config["texts"]
+        with feature_file(out, self.config["name"], "text", rows=len(texts), dim=self.hidden,
+                          source=self.config["source"], info={**info, "pooling": self.pooling}) as fs:
+            encode_texts(texts, self.tokenizer, tuned, batch_size=64, max_length=self.config["max_length"],
+                         pooling=self.pooling, out=fs.values, progress=False)
+
+
+class SpeechInputs:
+    """Media items -> cropped 16 kHz waveforms -> the speech encoder's inputs; features through `erc.speech`."""
+
+    modality = "audio"
+
+    def __init__(self, config: dict, device: torch.device):
+        from erc.data.media import MediaItem
+        from erc.speech import SpeechEncoder
+
+        self.config, self.device = config, device
+        spec = {k: v for k, v in config["info"].items() if k in ("layer", "pooling", "chunk_seconds", "dtype")}
+        self.speech = SpeechEncoder(model=config["model"], device=str(device), **spec)
+        self.encoder, self.pooling = self.speech.encoder, "mean"
+        self.hidden = getattr(self.encoder.config, "hidden_size", None) or self.encoder.config.d_model
+        self.items = [MediaItem(Path(p), s, e) for p, s, e in config["items"]]
+        self.crop = int(FinetuneConfig(**config["finetune"]).crop_seconds * 16_000)
+
+    def batch(self, rows) -> tuple[dict, torch.Tensor]:
+        import math
+
+        from erc.audio import load_audio
+        from erc.speech import WHISPER_FRAMES_PER_S
+
+        waves = [load_audio(self.items[i])[:self.crop] for i in rows]
+        samples = torch.tensor([len(w) for w in waves])
+        dtype = next(self.encoder.parameters()).dtype
+        if self.speech.whisper_style:  # padded to 30 s; 50 output frames per second of real audio
+            inputs = self.speech.extractor(waves, sampling_rate=16_000, return_tensors="pt")
+            lengths = torch.tensor([math.ceil(n / 16_000 * WHISPER_FRAMES_PER_S) for n in samples.tolist()])
+            return {"input_features": inputs["input_features"].to(self.device, dtype)}, lengths.to(self.device)
+        inputs = self.speech.extractor(waves, sampling_rate=16_000, padding=True, return_attention_mask=True,
+                                       return_tensors="pt")
+        lengths = self.encoder._get_feat_extract_output_lengths(samples)
+        return ({"input_values": inputs["input_values"].to(self.device, dtype),
+                 "attention_mask": inputs["attention_mask"].to(self.device)}, lengths.to(self.device))
+
+    def write(self, tuned: nn.Module, out: Path, info: dict) -> None:
+        from erc.featurize import featurize_media
+
+        self.speech.encoder = tuned
+        featurize_media(self.items, {self.config["name"]: self.speech}, out, source=self.config["source"],
+                        specs={self.config["name"]: info}, progress=False)
+
+
+INPUTS = {"text": TextInputs, "audio": SpeechInputs}
 
 
 def with_adapters(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
@@ -103,37 +190,35 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train.torch import get_device, prepare_model
 
     from erc.distributed import gather
-    from erc.features import default_pooling, encode_texts, feature_file, load_encoder
     from erc.metrics import classification_metrics
     from erc.models.blocks import focal_loss
 
     cfg = FinetuneConfig(**config["finetune"])
-    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    try:
+        context = ray.train.get_context()
+        rank, world, device, report = context.get_world_rank(), context.get_world_size(), get_device(), ray.train.report
+    except RuntimeError:  # called in this process, outside trainer.fit(): one worker (the unit tests)
+        rank, world, report = 0, 1, lambda metrics: None
+        device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
-    device = get_device()
-    texts, labels, splits = config["texts"], np.asarray(config["labels"]), np.asarray(config["splits"])
-    tokenizer, encoder = load_encoder(config["model"], dtype=config["info"].get("dtype", "auto"), device=str(device))
-    if config["info"].get("template"):
-        tokenizer.truncation_side = "left"  # keep the utterance at the end, as erc.features does
-    encoder.train()
-    pooling = default_pooling(encoder) if config["pooling"] == "auto" else config["pooling"]
-    hidden = getattr(encoder.config, "hidden_size", None) or encoder.config.d_model
-    model = Classifier(with_adapters(encoder, cfg), hidden, config["classes"], pooling, cfg.head_dropout).to(device)
+    labels, splits = np.asarray(config["labels"]), np.asarray(config["splits"])
+    inputs = INPUTS[config["modality"]](config, device)
+    inputs.encoder.train()
+    model = Classifier(with_adapters(inputs.encoder, cfg), inputs.hidden, config["classes"], inputs.pooling,
+                       cfg.head_dropout).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     ddp = prepare_model(model) if world > 1 else model
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ids = tokenizer(texts, truncation=True, max_length=config["max_length"])["input_ids"]
 
     def forward(rows, net):
-        batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt").to(device)
-        return net(batch["input_ids"], batch["attention_mask"])
+        return net(*inputs.batch(rows))
 
     train_rows = np.flatnonzero((splits == "train") & (labels >= 0))
     if cfg.max_train_utterances and len(train_rows) > cfg.max_train_utterances:
         train_rows = np.sort(np.random.default_rng(cfg.seed).choice(train_rows, cfg.max_train_utterances, replace=False))
     valid_rows = np.flatnonzero((splits == "valid") & (labels >= 0))
     best = {"val_wf1": -1.0, "epoch": -1, "state": None}
-    history = []
+    history, first_batch_loss = [], None  # the loss before any step, for the record
     for epoch in range(cfg.epochs):
         model.train()
         start, losses = time.perf_counter(), []
@@ -146,7 +231,8 @@ def train_loop_per_worker(config: dict) -> None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
+            first_batch_loss = losses[0] if first_batch_loss is None else first_batch_loss
         model.eval()
         with torch.inference_mode():
             mine = valid_rows[rank::world]
@@ -163,43 +249,48 @@ def train_loop_per_worker(config: dict) -> None:
             best = {"val_wf1": record["val_wf1"], "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()
                               if k.startswith("head") or "lora_" in k or cfg.method == "full"}}
-        ray.train.report(record)
+        report(record)
 
     if rank == 0:
         model.load_state_dict(best["state"], strict=False)
         tuned = model.encoder.merge_and_unload() if cfg.method == "lora" else model.encoder
         tuned.eval()
         out = Path(config["out_dir"])
-        with feature_file(out, config["name"], "text", rows=len(texts), dim=hidden, source=config["source"],
-                          info={**config["info"], "pooling": pooling, "selected_epoch": best["epoch"],
-                                "selected_val_wf1": best["val_wf1"]}) as fs:
-            encode_texts(texts, tokenizer, tuned, batch_size=64, max_length=config["max_length"], pooling=pooling,
-                         out=fs.values, progress=False)
+        inputs.write(tuned, out, {**config["info"], "selected_epoch": best["epoch"], "selected_val_wf1": best["val_wf1"]})
         (out / f"{config['name']}.stage1.json").write_text(json.dumps(
-            {"history": history, "selected_epoch": best["epoch"], "selected_val_wf1": best["val_wf1"],
+            {"history": history, "first_batch_loss": first_batch_loss, "selected_epoch": best["epoch"],
+             "selected_val_wf1": best["val_wf1"],
              "train_utterances": int(len(train_rows)), "trainable_parameters": int(sum(p.numel() for p in trainable))},
             indent=2) + "\n")
 
 
-def finetune_and_featurize(table, labels: np.ndarray, label_names: list[str], texts: list[str], out_dir, name: str, *,
-                           model: str, pooling: str, max_length: int, cfg: FinetuneConfig, source: list[str],
-                           info: dict) -> dict:
-    """Driver side: one TorchTrainer run; returns the stage-1 record (history, selected epoch)."""
+def finetune_and_featurize(table, labels: np.ndarray, label_names: list[str], out_dir, name: str, *, model: str,
+                           cfg: FinetuneConfig, source: list[str], info: dict, texts: list[str] | None = None,
+                           items: list | None = None, pooling: str = "auto", max_length: int = 128,
+                           in_process: bool = False) -> dict:
+    """Driver side: one TorchTrainer run over `texts` (a text encoder) or media `items` (a speech encoder);
+    returns the stage-1 record (history, selected epoch). `in_process`: the worker function in this process,
+    without Ray (one worker; the unit tests)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from erc.features import resolve_encoder
     from erc.train import init_ray
 
-    init_ray()
     out_dir = Path(out_dir).resolve()
+    config = {"finetune": asdict(cfg), "modality": "text" if items is None else "audio", "texts": list(texts or []),
+              "items": [(str(i.path), i.start, i.end) for i in items or []], "labels": labels.tolist(),
+              "splits": table["split"].tolist(), "classes": len(label_names), "label_names": label_names,
+              "model": resolve_encoder(model), "pooling": pooling, "max_length": max_length,
+              "out_dir": str(out_dir), "name": name, "source": source, "info": info}
+    if in_process:
+        train_loop_per_worker(config)
+        return json.loads((out_dir / f"{name}.stage1.json").read_text())
+    init_ray()
     cpus = cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"finetune": asdict(cfg), "texts": list(texts), "labels": labels.tolist(),
-                           "splits": table["split"].tolist(), "classes": len(label_names), "label_names": label_names,
-                           "model": resolve_encoder(model), "pooling": pooling, "max_length": max_length,
-                           "out_dir": str(out_dir), "name": name, "source": source, "info": info},
+        train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=RunConfig(name=f"stage1-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
