@@ -435,7 +435,7 @@ def test_a_new_corpus_is_a_params_entry_through_dvc_repro(tmp_path):
     again = subprocess.run(["dvc", "repro"], cwd=clone, env=env, check=True, capture_output=True, text=True)
     assert "Running stage" not in again.stdout
 
-    # A second corpus, again by params alone: only its own stages and the leaderboard are out of date.
+    # A second corpus, again by params alone: only its own stages, the leaderboard and the report are out of date.
     params["datasets"]["chat"] = entry
     params["inputs"]["chat"] = example["inputs"]["friends"]
     params["pipeline"]["datasets"].append("chat")
@@ -443,6 +443,6 @@ def test_a_new_corpus_is_a_params_entry_through_dvc_repro(tmp_path):
     status = subprocess.run(["dvc", "status", "--json", "dvc.yaml"], cwd=clone, env=env, check=True,
                             capture_output=True, text=True)
     stale = set(json.loads(status.stdout))
-    assert stale == {"prepare@chat", "featurize@chat", "teacher@chat", "leaderboard",
+    assert stale == {"prepare@chat", "featurize@chat", "teacher@chat", "leaderboard", "report",
                      *(f"train@chat-{m}" for m in params["pipeline"]["models"]),
                      *(f"train_distilled@chat-{m}" for m in params["pipeline"]["distilled"])}, stale
