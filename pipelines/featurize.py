@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from erc.data.canonical import load, load_features
+from erc.data.canonical import feature_set_names, load, load_features
 from erc.featurize import featurize_dataset
 from erc.io import atomic_path
 from erc.config import leakage_max_gap
@@ -41,7 +41,7 @@ def main():
             print(line, flush=True)
         # Every set it made gets the leakage probe; a fine-tuned encoder's (stage 1) learnt from training labels.
         gap = leakage_max_gap(params, source=args.params)
-        for name in sorted(p.stem for p in tmp.glob("*.json") if not p.name.endswith(".timing.json")):
+        for name in feature_set_names(tmp):
             fs = load_features(tmp, name)
             fs.info.setdefault("label_derived", bool(fs.info.get("finetune")))
             probe_features(args.dataset, prepared.table, {name: fs}, prepared.meta, max_gap=gap)

@@ -7,9 +7,8 @@ them as DVC metrics. All utterances take part (the prepared split is not used: t
 """
 
 import argparse
-from pathlib import Path
 
-from erc.data.canonical import load
+from erc.data.canonical import feature_set_names, load
 from erc.io import write_json
 from erc.params import load_params, stage_main
 from erc.probe import speaker_independent_probe
@@ -26,7 +25,7 @@ def main():
     args = parser.parse_args()
     options = load_params(args.params).get("probe") or {}
 
-    names = sorted(p.stem for p in Path(args.features).glob("*.json") if not p.stem.endswith(".timing"))
+    names = feature_set_names(args.features)
     prepared = load(args.prepared, extra_feature_dirs=[args.features], feature_names=names)
     table = prepared.table
     labels = table["emotion_id"].to_numpy()

@@ -230,6 +230,11 @@ def load(directory, *, extra_feature_dirs=(), feature_names=None) -> Prepared:
     return Prepared(table, meta, features)
 
 
+def feature_set_names(directory) -> list[str]:
+    """The feature sets saved in a folder: one `<name>.json` each (`<name>.timing.json` is a featurize timing)."""
+    return sorted(p.stem for p in Path(directory).glob("*.json") if not p.name.endswith(".timing.json"))
+
+
 def feature_dir(directory, extra_feature_dirs, name: str) -> Path:
     """Where feature set `name` of a prepared dataset lives: its own features, then the computed ones."""
     search = [Path(directory) / "features", *map(Path, extra_feature_dirs)]
