@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,9 @@ def stage_main(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        # MLflow draws a progress bar per artifact download: the leaderboard and report stages read one file per
+        # run, and 75 runs' bars buried their own output.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         try:
             return fn(*args, **kwargs)
         except ErcDataError as e:
