@@ -199,12 +199,17 @@ def _flags(row) -> str:
     return "; ".join(out)
 
 
+def _millions(count) -> str:
+    return "" if count is None or pd.isna(count) else f"{count / 1e6:.2f}M"
+
+
 def to_markdown(board: pd.DataFrame) -> str:
     lines = ["# erc leaderboard", "",
              "Test-split figures (percent) of the checkpoint selected on validation weighted F1, mean ± sample std over",
              "seeds. 95% CI: bootstrap over seeds and test dialogues (erc/stats.py). p: approximate randomisation over",
              "test dialogues against the dataset's baseline and its best model, Holm-corrected within each dataset;",
-             f"* significant at {ALPHA}. Efficiency: the runs' own figures (CPU unless the runs had GPUs). "
+             f"* significant at {ALPHA}. Efficiency: the runs' own figures (CPU unless the runs had GPUs); params counts "
+             "a frozen teacher (SUMMER's), trainable what the optimizer updates. "
              "Flags: † inputs learnt with labels, ! the leakage probe's validation-above-test warning.",
              "Each row re-runs with `dvc repro`; every run is in MLflow.", ""]
     variants = sorted(board["variant"].unique(), key=lambda v: (v != MAIN_VARIANT, v))
@@ -214,18 +219,18 @@ def to_markdown(board: pd.DataFrame) -> str:
                  "default": "Untuned: params.yaml's values (a second view)"}.get(variant, f"Variant: {variant}")
         lines += [f"## {title}", "",
                   "| dataset | model | features | seeds | weighted F1 | 95% CI | p vs baseline | p vs best | accuracy | "
-                  "macro F1 | params | s/epoch | ms/dialogue | peak MB | flags |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "macro F1 | params | trainable | s/epoch | ms/dialogue | peak MB | flags |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for _, row in part.iterrows():
             row = row.to_dict()
             ci = f"[{_fmt(row.get('wf1_ci_low'))}, {_fmt(row.get('wf1_ci_high'))}]" if not pd.isna(
                 row.get("wf1_ci_low", math.nan)) else ""
-            params = "" if pd.isna(row.get("params_total", math.nan)) else f"{row['params_total'] / 1e6:.2f}M"
+            params, trainable = (_millions(row.get(k)) for k in ("params_total", "params_trainable"))
             lines.append(
                 f"| {row['dataset']} | {row['model']} | {row['features']} | {row['n_seeds']} | {_pm(row, 'wf1')} | {ci} | "
                 f"{_p(row.get('p_vs_baseline'), row.get('significant_vs_baseline'))} | "
                 f"{_p(row.get('p_vs_best'), row.get('significant_vs_best'))} | {_pm(row, 'acc')} | {_pm(row, 'macro_f1')} | "
-                f"{params} | {_fmt(row.get('train_s_per_epoch'))} | {_fmt(row.get('infer_ms_per_dialogue'))} | "
+                f"{params} | {trainable} | {_fmt(row.get('train_s_per_epoch'))} | {_fmt(row.get('infer_ms_per_dialogue'))} | "
                 f"{_fmt(row.get('peak_rss_mb'), 0)} | {_flags(row)} |")
         mosi = part[part.get("acc2_mean", pd.Series(dtype=float)).notna()] if "acc2_mean" in part else part.iloc[:0]
         if len(mosi):
