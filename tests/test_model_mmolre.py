@@ -387,3 +387,17 @@ def test_dialogue_context_keeps_padding_invariance(tasks):
     model = model_for(task.spec, dialogue_context="gru").eval()
     alone, batch, together = alone_and_padded(model, data.collate, short, long, n)
     torch.testing.assert_close(together.logits[1, :n], alone.logits[0, :n], atol=1e-5, rtol=0)
+
+
+def test_mmolre_context_is_mmolre_with_the_switch_on(tasks):
+    """The leaderboard's variant: its own name, the same model as MMoLRE with dialogue_context="gru"."""
+    task = tasks["meld"]
+    batch = task.splits["train"].collate([0, 1])
+    torch.manual_seed(0)
+    variant = build_model("mmolre_context", task.spec, SMALL).eval()
+    switched = model_for(task.spec, dialogue_context="gru").eval()
+    assert variant.context is not None and variant.registry_name == "mmolre_context"
+    assert MODELS["mmolre"].registry_name == "mmolre"
+    switched.load_state_dict(variant.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(variant(batch).logits, switched(batch).logits)
