@@ -200,7 +200,7 @@ def _flags(row) -> str:
 
 
 def _millions(count) -> str:
-    return "" if count is None or pd.isna(count) else f"{count / 1e6:.2f}M"
+    return "" if pd.isna(count) else f"{count / 1e6:.2f}M"
 
 
 def to_markdown(board: pd.DataFrame) -> str:
