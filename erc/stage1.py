@@ -255,13 +255,12 @@ def train_loop_per_worker(config: dict) -> None:
         model.load_state_dict(best["state"], strict=False)
         tuned = model.encoder.merge_and_unload() if cfg.method == "lora" else model.encoder
         tuned.eval()
-        out = Path(config["out_dir"])
-        inputs.write(tuned, out, {**config["info"], "selected_epoch": best["epoch"], "selected_val_wf1": best["val_wf1"]})
-        (out / f"{config['name']}.stage1.json").write_text(json.dumps(
-            {"history": history, "first_batch_loss": first_batch_loss, "selected_epoch": best["epoch"],
-             "selected_val_wf1": best["val_wf1"],
-             "train_utterances": int(len(train_rows)), "trainable_parameters": int(sum(p.numel() for p in trainable))},
-            indent=2) + "\n")
+        # The record lives in the feature set's own JSON: a `<name>.*.json` beside it would pass for a feature set.
+        record = {"history": history, "first_batch_loss": first_batch_loss, "selected_epoch": best["epoch"],
+                  "selected_val_wf1": best["val_wf1"], "train_utterances": int(len(train_rows)),
+                  "trainable_parameters": int(sum(p.numel() for p in trainable))}
+        inputs.write(tuned, Path(config["out_dir"]), {**config["info"], "selected_epoch": best["epoch"],
+                                                      "selected_val_wf1": best["val_wf1"], "stage1": record})
 
 
 def finetune_and_featurize(table, labels: np.ndarray, label_names: list[str], out_dir, name: str, *, model: str,
@@ -285,7 +284,7 @@ def finetune_and_featurize(table, labels: np.ndarray, label_names: list[str], ou
               "out_dir": str(out_dir), "name": name, "source": source, "info": info}
     if in_process:
         train_loop_per_worker(config)
-        return json.loads((out_dir / f"{name}.stage1.json").read_text())
+        return json.loads((out_dir / f"{name}.json").read_text())["stage1"]
     init_ray()
     cpus = cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers)
     trainer = TorchTrainer(
@@ -300,4 +299,4 @@ def finetune_and_featurize(table, labels: np.ndarray, label_names: list[str], ou
     result = trainer.fit()
     if result.error:
         raise result.error
-    return json.loads((out_dir / f"{name}.stage1.json").read_text())
+    return json.loads((out_dir / f"{name}.json").read_text())["stage1"]

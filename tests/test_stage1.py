@@ -72,6 +72,8 @@ def test_stage1_runs_in_ray_train_from_the_featurize_params(ray_session, tmp_pat
     assert [line.split(":")[0] for line in lines] == ["words tuned stage 1 epoch 0", "words tuned stage 1 epoch 1",
                                                       "words tuned"]
     assert canonical.load_features(tmp_path / "out", "tuned").values.shape == (96, 32)
+    # The featurize stage probes every set of its folder: the stage-1 record must not pass for one.
+    assert canonical.feature_set_names(tmp_path / "out") == ["tuned"]
 
 
 def test_stage1_only_on_the_datasets_it_names_and_bad_keys(tmp_path):
