@@ -23,7 +23,7 @@ from erc.schema import check
 NOT_PARAMS = {"dataset", "prepared", "inputs", "model", "model_config", "feature_dirs", "seed", "tracking_uri", "run_id"}
 TRAIN_RANGES = {
     "epochs": {"ge": 1}, "patience": {"ge": 1}, "batch_size": {"ge": 1}, "lr": {"gt": 0}, "weight_decay": {"ge": 0},
-    "grad_clip": {"ge": 0}, "grad_accum_steps": {"ge": 1}, "num_workers": {"ge": 1}, "cpus_per_worker": {"gt": 0},
+    "grad_clip": {"ge": 0}, "grad_accum_steps": {"ge": 1}, "num_workers": {"ge": 0}, "cpus_per_worker": {"gt": 0},
     "zero_stage": {"ge": 0, "le": 3}, "max_failures": {"ge": -1}, "checkpoint_every": {"ge": 1},
 }
 TRAIN_CHOICES = {

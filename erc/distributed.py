@@ -18,9 +18,11 @@ DEEPSPEED_TAG = "state"  # the one DeepSpeed checkpoint inside each Ray checkpoi
 
 
 def backend(cfg) -> str:
-    """`auto`: DeepSpeed on GPUs, DDP on CPU."""
+    """`auto`: DeepSpeed on GPU workers; DDP on CPU, and plain torch in Ray Train's local mode (0 workers)."""
     if cfg.backend == "auto":
-        return "deepspeed" if cfg.use_gpu else "ddp"
+        return "deepspeed" if cfg.use_gpu and cfg.num_workers else "ddp"
+    if cfg.backend == "deepspeed" and not cfg.num_workers:
+        raise ValueError("train.backend deepspeed needs train.num_workers >= 1 (0 runs in this process, plain torch)")
     return cfg.backend
 
 

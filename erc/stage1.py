@@ -10,7 +10,8 @@ the features are of the whole clip. Test labels are never read.
 
 The training runs in Ray Train's TorchTrainer (`num_workers` workers, GPUs with `use_gpu`), each worker
 taking its part of every batch under DDP; validation predictions are gathered and scored once. Rank 0
-writes the features into the stage's output folder (a path every worker sees).
+writes the features into the stage's output folder (a path every worker sees), and prints a progress line
+about every tenth of an epoch. `num_workers: 0` is Ray Train's local mode: the same loop in this process.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class FinetuneConfig:
     crop_seconds: float = 5.0  # speech: clips cut to this while tuning
     seed: int = 0
     datasets: list | None = None  # the datasets to tune on (None: every dataset featurized)
-    num_workers: int = 1
+    num_workers: int = 0  # 0: Ray Train's local mode (this process); N: a worker group of N
     use_gpu: bool = False
     cpus_per_worker: float | None = None
     storage_path: str = "ray_results/stage1"
@@ -194,11 +195,11 @@ def train_loop_per_worker(config: dict) -> None:
     from erc.models.blocks import focal_loss
 
     cfg = FinetuneConfig(**config["finetune"])
-    try:
-        context = ray.train.get_context()
-        rank, world, device, report = context.get_world_rank(), context.get_world_size(), get_device(), ray.train.report
-    except RuntimeError:  # called in this process, outside trainer.fit(): one worker (the unit tests)
-        rank, world, report = 0, 1, lambda metrics: None
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if ray.is_initialized():
+        device = get_device()
+    else:  # Ray Train's local mode: this process
         device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     labels, splits = np.asarray(config["labels"]), np.asarray(config["splits"])
@@ -222,7 +223,8 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(cfg.epochs):
         model.train()
         start, losses = time.perf_counter(), []
-        for rows in _batches(train_rows, cfg.batch_size, np.random.default_rng(cfg.seed * 1000 + epoch)):
+        batches = _batches(train_rows, cfg.batch_size, np.random.default_rng(cfg.seed * 1000 + epoch))
+        for step, rows in enumerate(batches, 1):
             part = rows[rank::world]
             if len(part) == 0:  # a last batch smaller than the workers: every worker must still step
                 part = rows[:1]
@@ -233,6 +235,11 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.step()
             losses.append(float(loss.detach()))
             first_batch_loss = losses[0] if first_batch_loss is None else first_batch_loss
+            if rank == 0 and (step % max(1, len(batches) // 10) == 0 or step == len(batches)):
+                seconds = time.perf_counter() - start
+                print(f"stage 1 {config['name']}  epoch {epoch + 1}/{cfg.epochs}  batch {step}/{len(batches)}  "
+                      f"loss {np.mean(losses[-max(1, len(batches) // 10):]):.3f}  "
+                      f"~{seconds / step * (len(batches) - step):.0f} s left in the epoch", flush=True)
         model.eval()
         with torch.inference_mode():
             mine = valid_rows[rank::world]
@@ -245,11 +252,15 @@ def train_loop_per_worker(config: dict) -> None:
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_wf1": scores["val_wf1"],
                   "val_acc": scores["val_acc"], "epoch_s": time.perf_counter() - start}
         history.append(record)
+        if rank == 0:
+            print(f"stage 1 {config['name']}  epoch {epoch + 1}/{cfg.epochs}  train loss {record['train_loss']:.3f}  "
+                  f"val wF1 {record['val_wf1']:.2f}  best {max(record['val_wf1'], best['val_wf1']):.2f}  "
+                  f"{record['epoch_s']:.0f} s", flush=True)
         if record["val_wf1"] > best["val_wf1"]:  # the first of equal ones
             best = {"val_wf1": record["val_wf1"], "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()
                               if k.startswith("head") or "lora_" in k or cfg.method == "full"}}
-        report(record)
+        ray.train.report(record)
 
     if rank == 0:
         model.load_state_dict(best["state"], strict=False)
@@ -265,11 +276,9 @@ def train_loop_per_worker(config: dict) -> None:
 
 def finetune_and_featurize(table, labels: np.ndarray, label_names: list[str], out_dir, name: str, *, model: str,
                            cfg: FinetuneConfig, source: list[str], info: dict, texts: list[str] | None = None,
-                           items: list | None = None, pooling: str = "auto", max_length: int = 128,
-                           in_process: bool = False) -> dict:
+                           items: list | None = None, pooling: str = "auto", max_length: int = 128) -> dict:
     """Driver side: one TorchTrainer run over `texts` (a text encoder) or media `items` (a speech encoder);
-    returns the stage-1 record (history, selected epoch). `in_process`: the worker function in this process,
-    without Ray (one worker; the unit tests)."""
+    returns the stage-1 record (history, selected epoch)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -282,16 +291,17 @@ def finetune_and_featurize(table, labels: np.ndarray, label_names: list[str], ou
               "splits": table["split"].tolist(), "classes": len(label_names), "label_names": label_names,
               "model": resolve_encoder(model), "pooling": pooling, "max_length": max_length,
               "out_dir": str(out_dir), "name": name, "source": source, "info": info}
-    if in_process:
-        train_loop_per_worker(config)
-        return json.loads((out_dir / f"{name}.json").read_text())["stage1"]
-    init_ray()
-    cpus = cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers)
+    if cfg.num_workers:
+        init_ray()
+        cpus = cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers)
+        scaling = ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.use_gpu else {})})
+    else:
+        scaling = ScalingConfig(num_workers=0)  # Ray Train's local mode: this process, no cluster
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.use_gpu else {})}),
+        scaling_config=scaling,
         run_config=RunConfig(name=f"stage1-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
                              storage_path=str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path
                              else cfg.storage_path),

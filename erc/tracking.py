@@ -9,6 +9,7 @@ logged model whose test metrics are linked to it, and that model in the model re
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -87,12 +88,10 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def confusion_png(cm: np.ndarray, labels: list[str], title: str, path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no backend or global figure state (a second a run to import)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.1 * len(labels) + 2, 1.1 * len(labels) + 1.5))
+    fig = Figure(figsize=(1.1 * len(labels) + 2, 1.1 * len(labels) + 1.5))
+    ax = fig.subplots()
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
@@ -104,7 +103,6 @@ def confusion_png(cm: np.ndarray, labels: list[str], title: str, path) -> None:
             ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > cm.max() / 2 else "black")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def log_confusion(client, run_id: str, cm: np.ndarray, labels: list[str], title: str) -> None:
@@ -148,13 +146,33 @@ def log_params(client, run_id: str, params: dict) -> None:
 STACK = ("torch", "transformers", "ray", "mlflow", "dvc", "deepspeed", "pandas", "numpy", "optuna", "erc")
 
 
+@functools.cache
 def environment() -> dict[str, str]:
-    """Every installed distribution and its version, plus Python's: the software a run used."""
+    """Every installed distribution and its version, plus Python's: the software a run used (read once a process)."""
     import importlib.metadata
     import platform
 
-    found = {d.metadata["Name"].lower(): d.version for d in importlib.metadata.distributions() if d.metadata["Name"]}
+    found = {}
+    for dist in importlib.metadata.distributions():
+        name, version = _name_version(dist.read_text("METADATA") or dist.read_text("PKG-INFO") or "")
+        if name and version:
+            found.setdefault(name.lower(), version)  # the first on sys.path is the one imported
     return {"python": platform.python_version(), **dict(sorted(found.items()))}
+
+
+def _name_version(metadata: str) -> tuple[str | None, str | None]:
+    """Name and Version from a distribution's metadata headers. `dist.metadata` parses the whole file as an
+    e-mail message, long description included: 5 s for the ~350 packages here, against 0.2 s for the headers."""
+    name = version = None
+    for line in metadata.splitlines():
+        if not line.strip():
+            break  # the end of the headers
+        key, _, value = line.partition(":")
+        if key == "Name":
+            name = value.strip()
+        elif key == "Version":
+            version = value.strip()
+    return name, version
 
 
 def log_environment(client, run_id: str) -> None:

@@ -56,7 +56,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     class_weights: str | list = "none"  # the dataset's policy, alike for every model: none | balanced | a CLASS_WEIGHTS name
     grad_accum_steps: int = 1  # micro-batches per worker per optimizer step
-    num_workers: int = 1
+    num_workers: int = 0  # 0: Ray Train's local mode, the loop in this process; N: a worker group of N
     cpus_per_worker: float | None = None  # None: the machine's CPUs shared evenly
     use_gpu: bool = False  # one GPU per worker
     placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD, STRICT_SPREAD, STRICT_PACK
@@ -344,8 +344,12 @@ class RayTrainSession:
         self.report_every_epoch = not evaluate_test
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self.node = ray.get_runtime_context().get_node_id()
+        if ray.is_initialized():
+            self.device = ray.train.torch.get_device()
+            self.node = ray.get_runtime_context().get_node_id()
+        else:  # Ray Train's local mode (num_workers 0): this process, no cluster
+            self.device = torch.device(f"cuda:{context.get_local_rank()}" if torch.cuda.is_available() else "cpu")
+            self.node = "local"
 
     def restored(self):
         return self._train.get_checkpoint()
@@ -627,18 +631,27 @@ def fit(runs: list[TrainConfig], callbacks=(), evaluate_test: bool = True):
     from ray.train.torch import TorchTrainer
 
     cfg = runs[0]
-    if cfg.batch_size < cfg.num_workers * cfg.grad_accum_steps:
+    if cfg.batch_size < max(cfg.num_workers, 1) * cfg.grad_accum_steps:
         raise ValueError(f"batch_size {cfg.batch_size} is smaller than num_workers x grad_accum_steps")
     for r in runs:
-        r.cpus_per_worker = r.cpus_per_worker or max(1, (os.cpu_count() or 1) // r.num_workers)
+        r.cpus_per_worker = r.cpus_per_worker or max(1, (os.cpu_count() or 1) // max(r.num_workers, 1))
+    if cfg.num_workers == 0:
+        # Ray Train's local mode: the same loop and session API in this process, with no Ray cluster, worker
+        # group or controller to start (on 2 cores those cost ~40 s a command). Nothing distributed, so no
+        # worker to lose: a failure ends the command.
+        scaling = ScalingConfig(num_workers=0)
+        for name in ("ray", "ray.train"):  # its INFO lines (every report's metrics) would reach the terminal
+            logging.getLogger(name).setLevel(logging.WARNING)
+    else:
+        scaling = ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+                                placement_strategy=cfg.placement_strategy)
     seeds = "-".join(str(r.seed) for r in runs)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"runs": [asdict(r) for r in runs], "started_at": time.time(),
                            "evaluate_test": evaluate_test},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
-                                     placement_strategy=cfg.placement_strategy),
+        scaling_config=scaling,
         run_config=RunConfig(
             name=f"{cfg.dataset}-{cfg.model}-seed{seeds}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             storage_path=cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve()),
@@ -681,7 +694,7 @@ def start_run(cfg: TrainConfig, client, tags: dict | None = None) -> None:
     cfg.run_id = client.create_run(tracking.experiment_id(cfg.experiment, cfg.tracking_uri), tags=run_tags).info.run_id
     params = tracking.flatten({k: v for k, v in asdict(cfg).items() if k not in ("run_id", "tracking_uri")})
     params.update({f"model_config.{k}": v for k, v in asdict(MODELS[cfg.model].Config(**cfg.model_config)).items()})
-    params.update(distributed.describe(cfg, cfg.num_workers))
+    params.update(distributed.describe(cfg, max(cfg.num_workers, 1)))  # local mode: one process
     tracking.log_params(client, cfg.run_id, params)
     tracking.log_environment(client, cfg.run_id)
 
@@ -705,8 +718,9 @@ def run_all(runs: list[TrainConfig], *, tags: dict | None = None, export_checkpo
     for cfg in runs:
         resolve_locations(cfg)
         cfg.run_id = None
-    with clock("ray_init"):
-        init_ray()
+    if any(cfg.num_workers for cfg in runs):
+        with clock("ray_init"):
+            init_ray()
     client = mlflow.MlflowClient(runs[0].tracking_uri)
     try:
         with clock("mlflow"):

@@ -90,7 +90,7 @@ def run_trial(sample: dict, *, base: dict, parent_run_id: str, storage: str) -> 
                                                            if k not in ("run_id", "tracking_uri")}})
     tracking.log_environment(client, cfg.run_id)
     # A failed or stopped trial leaves its run open: the driver closes it from Tune's outcome (`summarise`).
-    if cfg.num_workers == 1:
+    if cfg.num_workers <= 1:
         train_runs([cfg], TuneSession(cfg.use_gpu))
     else:
         result = fit([cfg], callbacks=[TuneReportCallback()], evaluate_test=False)
@@ -147,8 +147,8 @@ def search(base: TrainConfig, space: dict, *, trials: int, storage_path: str, na
 
     # A single-worker trial trains in the trial function itself, which holds all of cpus_per_trial; a multi-worker
     # trial's function (0.1 CPU) starts workers that share what is left.
-    trial_cpus = cpus_per_trial if base.num_workers == 1 else 0.1
-    worker_cpus = cpus_per_trial if base.num_workers == 1 else max(0.1, (cpus_per_trial - 0.1) / base.num_workers)
+    trial_cpus = cpus_per_trial if base.num_workers <= 1 else 0.1
+    worker_cpus = cpus_per_trial if base.num_workers <= 1 else max(0.1, (cpus_per_trial - 0.1) / base.num_workers)
     base = replace(base, cpus_per_worker=worker_cpus)
     total_cpus = ray.cluster_resources().get("CPU", 1)
     concurrent = max_concurrent or max(1, int(total_cpus // cpus_per_trial))
@@ -169,7 +169,7 @@ def search(base: TrainConfig, space: dict, *, trials: int, storage_path: str, na
                                         reduction_factor=reduction_factor),
                 search_alg=ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrent),
                 # A single-worker trial trains in its own actor: the next trial reuses it, imports and data loaded.
-                reuse_actors=base.num_workers == 1),
+                reuse_actors=base.num_workers <= 1),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
         )
     try:

@@ -52,7 +52,7 @@ def config(prepared, tmp, uri, **overrides) -> TrainConfig:
     base = dict(dataset="tiny", prepared=str(prepared), inputs=dict(INPUTS), model="baseline",
                 model_config={"hidden": 32, "dropout": 0.0}, seed=0, epochs=EPOCHS, patience=EPOCHS, batch_size=8,
                 lr=3e-3, storage_path=str(tmp / "ray"), tracking_uri=uri, experiment="erc-distributed",
-                cpus_per_worker=1)
+                num_workers=1, cpus_per_worker=1)  # a worker group (not local mode): these tests are about Ray
     base.update(overrides)
     return TrainConfig(**base)
 
@@ -293,7 +293,7 @@ def test_ray_job_submit_trains_and_logs_to_the_tracking_server(head_and_tracking
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps({
         "data_dir": str(data_root / "data"), "inputs": {"tiny": INPUTS}, "models": {"baseline": {"hidden": 16}},
-        "train": {"seeds": [7], "epochs": 2, "patience": 2, "batch_size": 8, "lr": 0.003,
+        "train": {"seeds": [7], "epochs": 2, "patience": 2, "batch_size": 8, "lr": 0.003, "num_workers": 1,
                   "storage_path": str(tmp_path / "ray"), "experiment": "erc-job"}}))
     runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": cluster["tracking"], "MLFLOW_DISABLE_TELEMETRY": "true"}}
     submitted = subprocess.run(

@@ -34,7 +34,8 @@ def word_dataset(seed: int = 0) -> canonical.Prepared:
     return canonical.Prepared(table, {"target": "emotion", "emotion_labels": ["p", "n"], "sentiment_labels": []}, {})
 
 
-def tune(tmp_path, kind: str, method: str, *, prepared=None, in_process: bool = True) -> tuple[dict, Path]:
+def tune(tmp_path, kind: str, method: str, *, prepared=None) -> tuple[dict, Path]:
+    """Stage 1 in Ray Train's local mode (num_workers 0, the default): the loop in this process."""
     path = tiny_text_model(kind, tmp_path / kind)
     prepared = prepared or word_dataset()
     table = prepared.table
@@ -42,14 +43,17 @@ def tune(tmp_path, kind: str, method: str, *, prepared=None, in_process: bool = 
                          storage_path=str(tmp_path / "ray"))
     record = finetune_and_featurize(table, table["emotion_id"].to_numpy(), ["p", "n"], tmp_path / "out", "tuned",
                                     model=str(path), cfg=cfg, source=["t"], info={"model": str(path)},
-                                    texts=table["text"].tolist(), max_length=16, in_process=in_process)
+                                    texts=table["text"].tolist(), max_length=16)
     return record, path
 
 
 @pytest.mark.parametrize("kind,method", [("bert", "lora"), ("llama", "lora"), ("bert", "full")])
-def test_stage1_tunes_selects_on_validation_and_writes_the_tuned_features(tmp_path, kind, method):
+def test_stage1_tunes_selects_on_validation_and_writes_the_tuned_features(tmp_path, kind, method, capsys):
     prepared = word_dataset()
     record, path = tune(tmp_path, kind, method, prepared=prepared)
+    # live progress from the loop itself: a tenth of an epoch at a time, and each epoch's validation
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stage 1 tuned")]
+    assert sum("val wF1" in line for line in printed) == 4 and any("s left in the epoch" in line for line in printed)
     losses = [r["train_loss"] for r in record["history"]]
     assert len(losses) == 4 and losses[-1] < 0.5 * record["first_batch_loss"], (record["first_batch_loss"], losses)
     assert record["selected_epoch"] == int(np.argmax([r["val_wf1"] for r in record["history"]]))
@@ -67,7 +71,7 @@ def test_stage1_runs_in_ray_train_from_the_featurize_params(ray_session, tmp_pat
     path = tiny_text_model("bert", tmp_path / "bert")
     params = {"featurize": {"batch_size": 16, "encoders": {"tuned": {
         "model": str(path), "max_length": 16,
-        "finetune": {"epochs": 2, "lr": 3e-3, "batch_size": 16, "storage_path": str(tmp_path / "ray")}}}}}
+        "finetune": {"epochs": 2, "lr": 3e-3, "batch_size": 16, "num_workers": 1, "storage_path": str(tmp_path / "ray")}}}}}
     lines = list(featurize_dataset("words", word_dataset(), "t.parquet", params, tmp_path / "out", progress=False))
     assert [line.split(":")[0] for line in lines] == ["words tuned stage 1 epoch 0", "words tuned stage 1 epoch 1",
                                                       "words tuned"]
@@ -101,8 +105,7 @@ def test_speech_stage1_on_generated_clips(tmp_path):
     cfg = FinetuneConfig(epochs=4, lr=1e-2, batch_size=8, crop_seconds=0.5, head_dropout=0.0)
     record = finetune_and_featurize(table, table["emotion_id"].to_numpy(), ["angry", "sad"], tmp_path / "out", "w2v",
                                     model=str(model), cfg=cfg, source=["t"], info={"model": str(model)},
-                                    items=media_items(table, {"layout": "folder", "files": "clips"}, files),
-                                    in_process=True)
+                                    items=media_items(table, {"layout": "folder", "files": "clips"}, files))
     losses = [r["train_loss"] for r in record["history"]]
     assert losses[-1] < 0.6 * record["first_batch_loss"], (record["first_batch_loss"], losses)
     fs = canonical.load_features(tmp_path / "out", "w2v")

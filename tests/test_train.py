@@ -208,8 +208,9 @@ def test_seeds_of_a_stage_share_one_worker_and_match_separate_runs(ray_session, 
     from erc.train import run_all
 
     client = mlflow.MlflowClient(store[1])
-    together = run_all([config(tiny_emotion, tmp_path, store[1], seed=seed, epochs=3) for seed in (4, 5)])
-    alone = run(config(tiny_emotion, tmp_path, store[1], seed=5, epochs=3))
+    together = run_all([config(tiny_emotion, tmp_path, store[1], seed=seed, epochs=3, num_workers=1)
+                        for seed in (4, 5)])
+    alone = run(config(tiny_emotion, tmp_path, store[1], seed=5, epochs=3, num_workers=1))
     runs = [client.get_run(r["run_id"]) for r in together]
     assert [r.data.tags["seed"] for r in runs] == ["4", "5"]
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -224,6 +225,26 @@ def test_seeds_of_a_stage_share_one_worker_and_match_separate_runs(ray_session, 
         [m.value for m in history(client, together[1]["run_id"], "train_loss_ce")]
 
 
+def test_local_mode_runs_in_this_process_with_the_worker_groups_numbers(ray_session, tiny_emotion, store, tmp_path):
+    """num_workers 0 (Ray Train's local mode, the default): the loop runs in the calling process, no Ray is
+    started for it, and a seed's numbers are the ones a one-worker group gives."""
+    import os
+
+    client = mlflow.MlflowClient(store[1])
+    local = run(config(tiny_emotion, tmp_path, store[1], seed=6, num_workers=0))
+    group = run(config(tiny_emotion, tmp_path, store[1], seed=6, num_workers=1))
+    local_run, group_run = client.get_run(local["run_id"]), client.get_run(group["run_id"])
+    assert local_run.data.tags["worker_pid"] == str(os.getpid())
+    assert group_run.data.tags["worker_pid"] != str(os.getpid())
+    assert "time_driver_ray_init_s" not in local_run.data.metrics
+    assert local_run.data.params["num_workers"] == "0" and local_run.data.params["world_size"] == "1"
+    assert local_run.info.status == "FINISHED"
+    assert [m.value for m in history(client, local["run_id"], "val_wf1")] == \
+        [m.value for m in history(client, group["run_id"], "val_wf1")]
+    for key in ("test_wf1", "test_acc", "selected_epoch"):
+        assert local[key] == group[key], key
+
+
 def test_run_records_its_environment_and_phase_times(emotion_run, tmp_path):
     cfg, result, client = emotion_run
     r = client.get_run(result["run_id"])
@@ -234,8 +255,7 @@ def test_run_records_its_environment_and_phase_times(emotion_run, tmp_path):
     path = client.download_artifacts(result["run_id"], "environment/requirements.txt", str(tmp_path))
     lines = open(path).read().splitlines()
     assert f"torch=={torch.__version__}" in lines and any(line.startswith("mlflow==") for line in lines)
-    for phase in ("data_load", "train", "valid", "test", "checkpoint", "mlflow", "worker_start",
-                  "driver_ray_init", "driver_mlflow"):
+    for phase in ("data_load", "train", "valid", "test", "checkpoint", "mlflow", "worker_start", "driver_mlflow"):
         assert r.data.metrics[f"time_{phase}_s"] >= 0, phase
 
 
