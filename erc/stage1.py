@@ -279,11 +279,11 @@ def finetune_and_featurize(table, labels: np.ndarray, label_names: list[str], ou
                            items: list | None = None, pooling: str = "auto", max_length: int = 128) -> dict:
     """Driver side: one TorchTrainer run over `texts` (a text encoder) or media `items` (a speech encoder);
     returns the stage-1 record (history, selected epoch)."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
     from erc.features import resolve_encoder
-    from erc.train import init_ray
+    from erc.train import init_ray, scaling_config
 
     out_dir = Path(out_dir).resolve()
     config = {"finetune": asdict(cfg), "modality": "text" if items is None else "audio", "texts": list(texts or []),
@@ -293,15 +293,11 @@ def finetune_and_featurize(table, labels: np.ndarray, label_names: list[str], ou
               "out_dir": str(out_dir), "name": name, "source": source, "info": info}
     if cfg.num_workers:
         init_ray()
-        cpus = cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // cfg.num_workers)
-        scaling = ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                resources_per_worker={"CPU": cpus, **({"GPU": 1} if cfg.use_gpu else {})})
-    else:
-        scaling = ScalingConfig(num_workers=0)  # Ray Train's local mode: this process, no cluster
+    cpus = cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // max(cfg.num_workers, 1))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=scaling,
+        scaling_config=scaling_config(cfg.num_workers, cfg.use_gpu, cpus),
         run_config=RunConfig(name=f"stage1-{name}-{time.strftime('%Y%m%d-%H%M%S')}",
                              storage_path=str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path
                              else cfg.storage_path),

@@ -621,13 +621,27 @@ def ray_log_dir() -> str:
         return "on the Ray head, under its session directory"
 
 
+def scaling_config(num_workers: int, use_gpu: bool, cpus_per_worker: float, placement_strategy: str = "PACK"):
+    """Ray Train's ScalingConfig. 0 workers is its local mode: the same loop and session API in this process,
+    with no Ray cluster, controller or worker group to start (on 2 cores those cost ~40 s a command); nothing
+    is distributed, so there is no worker to lose and a failure ends the command."""
+    from ray.train import ScalingConfig
+
+    if num_workers == 0:
+        for name in ("ray", "ray.train"):  # local mode's INFO lines (every report's metrics) would reach the terminal
+            logging.getLogger(name).setLevel(logging.WARNING)
+        return ScalingConfig(num_workers=0)
+    return ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, placement_strategy=placement_strategy,
+                         resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
+
+
 def fit(runs: list[TrainConfig], callbacks=(), evaluate_test: bool = True):
     """Train the runs (seeds of one configuration) in one Ray Train worker group; returns the Ray result.
 
     `evaluate_test=False`: no test and no closing of the runs (a search's trial, a benchmark), and every
     epoch is reported to Ray (and so to Tune through `TuneReportCallback`)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     cfg = runs[0]
@@ -635,17 +649,7 @@ def fit(runs: list[TrainConfig], callbacks=(), evaluate_test: bool = True):
         raise ValueError(f"batch_size {cfg.batch_size} is smaller than num_workers x grad_accum_steps")
     for r in runs:
         r.cpus_per_worker = r.cpus_per_worker or max(1, (os.cpu_count() or 1) // max(r.num_workers, 1))
-    if cfg.num_workers == 0:
-        # Ray Train's local mode: the same loop and session API in this process, with no Ray cluster, worker
-        # group or controller to start (on 2 cores those cost ~40 s a command). Nothing distributed, so no
-        # worker to lose: a failure ends the command.
-        scaling = ScalingConfig(num_workers=0)
-        for name in ("ray", "ray.train"):  # its INFO lines (every report's metrics) would reach the terminal
-            logging.getLogger(name).setLevel(logging.WARNING)
-    else:
-        scaling = ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
-                                placement_strategy=cfg.placement_strategy)
+    scaling = scaling_config(cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker, cfg.placement_strategy)
     seeds = "-".join(str(r.seed) for r in runs)
     trainer = TorchTrainer(
         train_loop_per_worker,
