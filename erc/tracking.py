@@ -162,7 +162,7 @@ def environment() -> dict[str, str]:
 
 def _name_version(metadata: str) -> tuple[str | None, str | None]:
     """Name and Version from a distribution's metadata headers. `dist.metadata` parses the whole file as an
-    e-mail message, long description included: 5 s for the ~350 packages here, against 0.2 s for the headers."""
+    e-mail message, long description included: 1.1 s for the ~240 packages here, against 0.08 s for the headers."""
     name = version = None
     for line in metadata.splitlines():
         if not line.strip():
