@@ -7,15 +7,18 @@
   fraction and voicing probability, and RMS energy in dB.
 
 Every extractor has `names` (one per dimension) and maps a waveform to a float32 vector of `len(names)`.
+Both pickle as their settings, so `erc.featurize` can run them in worker processes (`featurize.workers`).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from erc.audio import SAMPLE_RATE
+from erc.audio import SAMPLE_RATE, MediaError, load_audio
 
 
 @dataclass
@@ -23,6 +26,7 @@ class OpenSmileSet:
     """openSMILE functionals of one of the package's feature sets (`opensmile.FeatureSet` names)."""
 
     set: str = "eGeMAPSv02"
+    in_worker_processes: ClassVar[bool] = True  # CPU-bound, single-threaded, cheap to rebuild
 
     def __post_init__(self):
         import opensmile
@@ -32,6 +36,13 @@ class OpenSmileSet:
         self.smile = opensmile.Smile(feature_set=opensmile.FeatureSet[self.set],
                                      feature_level=opensmile.FeatureLevel.Functionals)
         self.names = list(self.smile.feature_names)
+
+    def __getstate__(self):  # the Smile object holds a C handle: a worker process builds its own
+        return {"set": self.set}
+
+    def __setstate__(self, state):
+        self.set = state["set"]
+        self.__post_init__()
 
     def __call__(self, wave: np.ndarray) -> np.ndarray:
         return self.smile.process_signal(wave, SAMPLE_RATE).to_numpy(dtype=np.float32)[0]
@@ -46,6 +57,7 @@ class LibrosaStats:
     fmin: float = 60.0  # F0 search range (Hz)
     fmax: float = 500.0
     f0_hop: int = 320  # pYIN's hop in samples (20 ms): pYIN is most of the cost
+    in_worker_processes: ClassVar[bool] = True
 
     def __post_init__(self):
         stats = ("mean", "std")
@@ -74,3 +86,34 @@ class LibrosaStats:
 
 
 EXTRACTORS = {"opensmile": OpenSmileSet, "librosa": LibrosaStats}
+
+
+def extract_item(read, extractors: dict, item, keep_data: bool):
+    """One item: (MediaError or None, its data (if kept), audio seconds, {name: vector}, {name: seconds}, load s)."""
+    try:
+        start = time.perf_counter()
+        data = read(item)
+        load = time.perf_counter() - start
+        vectors, seconds = {}, {}
+        for name, ex in extractors.items():
+            start = time.perf_counter()
+            vectors[name] = ex(data)
+            seconds[name] = time.perf_counter() - start
+    except MediaError as e:  # a bad file is the caller's decision: stop or mask
+        return e, None, 0.0, {}, {}, 0.0
+    audio_seconds = len(data) / 16_000 if isinstance(data, np.ndarray) else 0.0
+    return None, data if keep_data else None, audio_seconds, vectors, seconds, load
+
+
+_POOL = {}  # a worker process's extractors and whether the parent needs the waveforms back
+
+
+def start_pool_worker(extractors: dict, keep_data: bool):
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)  # the processes are the parallelism; BLAS threads on top would oversubscribe
+    _POOL.update(extractors=extractors, keep_data=keep_data)
+
+
+def extract_in_pool(item):
+    return extract_item(load_audio, _POOL["extractors"], item, _POOL["keep_data"])

@@ -160,6 +160,35 @@ def test_featurize_media_masks_and_counts_bad_files(tmp_path, speech_models):
         assert not fs.values[[1, 3]].any() and fs.values[[0, 2, 4]].any(axis=1).all()
 
 
+def test_worker_processes_give_the_same_rows_and_the_same_bad_file_errors(tmp_path, speech_models):
+    clips = [write_audio(tmp_path / f"c{i}.wav", tone(0.5 + 0.25 * i, 120.0 + 40 * i)) for i in range(5)]
+    items = [MediaItem(c) for c in clips[:2]] + [MediaItem(tmp_path / "gone.wav")] + [MediaItem(c) for c in clips[2:]]
+    params = {"acoustic": {"egemaps": {"kind": "opensmile", "set": "eGeMAPSv02"}, "lib": {"kind": "librosa"}},
+              "speech": {"w2v": {"model": str(speech_models["wav2vec2"]), "layer": 1}}}  # stays in this process
+    extractors = audio_extractors(params, None)
+    with pytest.raises(MediaError, match="gone.wav: missing media file"):
+        featurize_media(items, extractors, tmp_path / "strict", source=["test"], progress=False, workers=2)
+    figures = {w: featurize_media(items, extractors, tmp_path / f"w{w}", source=["test"], on_bad_media="mask",
+                                  progress=False, workers=w) for w in (1, 2)}
+    assert figures[2]["workers"] == 2 and figures[2]["bad_media"] == figures[1]["bad_media"] == 1
+    assert figures[2]["audio_seconds"] == pytest.approx(figures[1]["audio_seconds"]) == pytest.approx(5.0)
+    for name in ("egemaps", "lib", "w2v"):
+        one, two = (canonical.load_features(tmp_path / f"w{w}", name) for w in (1, 2))
+        assert two.present.tolist() == [True, True, False, True, True, True]
+        np.testing.assert_array_equal(one.values, two.values)
+        assert figures[2]["seconds"][name] > 0
+
+
+def test_featurize_workers_param():
+    from erc.errors import ErcDataError
+    from erc.featurize import media_workers
+
+    assert media_workers(3) == 3 and media_workers("auto") >= 1 and media_workers(None) == media_workers("auto")
+    for bad in (0, "two", True, 1.5):
+        with pytest.raises(ErcDataError, match="params.yaml: featurize.workers must be auto or an integer >= 1"):
+            media_workers(bad)
+
+
 def test_unknown_media_set_is_a_params_error():
     from erc.errors import ErcDataError
 
