@@ -2,7 +2,8 @@
 
 The workers already log every epoch's metrics to the run in MLflow; the driver reads them back from there, so
 progress needs no channel of its own and shows the same numbers the MLflow UI does. On a terminal each run is
-a live bar; elsewhere (a log file, CI) each run prints one line when it ends.
+a live bar; elsewhere (a log file, CI, `ray job logs`) a run prints a line when a new epoch is in and a minute
+has passed since its last one, and a line when it ends: a short run gives one line, a long one a line a minute.
 """
 
 from __future__ import annotations
@@ -12,20 +13,23 @@ import threading
 import time
 
 POLL_SECONDS = 1.0
+LOG_EVERY_SECONDS = 60.0  # not on a terminal: the least time between two lines of one running run
 
 
 class RunProgress:
-    def __init__(self, client, runs, stream=None):
+    def __init__(self, client, runs, stream=None, log_every: float = LOG_EVERY_SECONDS):
         self.client, self.runs = client, list(runs)
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty()
+        self.log_every = log_every
+        self.logged: dict[str, tuple[float, int]] = {}  # run id: (when, epoch) of its last line, not live
+        self._started = time.time()  # not live, a run's first line comes log_every after this
         self.done: set[str] = set()
         self.bars = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def __enter__(self):
-        self._started = time.time()
         self._thread.start()
         return self
 
@@ -60,6 +64,11 @@ class RunProgress:
             if run.info.status != "RUNNING":
                 self.done.add(cfg.run_id)
                 if not self.live:
+                    print(line, file=self.stream, flush=True)
+            elif not self.live:
+                when, epoch = self.logged.get(cfg.run_id, (self._started, -1))
+                if metrics["epoch"] > epoch and time.time() - when >= self.log_every:
+                    self.logged[cfg.run_id] = (time.time(), metrics["epoch"])
                     print(line, file=self.stream, flush=True)
 
     def _bar(self, cfg, position: int):
