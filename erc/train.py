@@ -595,6 +595,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="erc-ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
         # Ray Train's spot-instance preemption watcher has nothing to watch here, and prints an error line per run.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray enables token auth on a new local cluster (a token made in ~/.ray if missing) and warns that it did
+        # at every start: 18 lines in one quick `dvc exp run`, about nothing a user has to act on.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         # The dashboard stays on: Ray's state API (Ray Train's placement-group cleaner, Tune) needs it.
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", **quiet)
         # ...and its pointer file names it: without one, a Ray process that looks for the cluster (Ray Train's
