@@ -3,7 +3,8 @@
 The workers already log every epoch's metrics to the run in MLflow; the driver reads them back from there, so
 progress needs no channel of its own and shows the same numbers the MLflow UI does. On a terminal each run is
 a live bar; elsewhere (a log file, CI, `ray job logs`) a run prints a line when a new epoch is in and a minute
-has passed since its last one, and a line when it ends: a short run gives one line, a long one a line a minute.
+has passed since its last line (or its first epoch), and a line when it ends: a run under a minute gives one
+line, a long one a line a minute.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ class RunProgress:
         self.live = self.stream.isatty()
         self.log_every = log_every
         self.logged: dict[str, tuple[float, int]] = {}  # run id: (when, epoch) of its last line, not live
-        self._started = time.time()  # not live, a run's first line comes log_every after this
         self.done: set[str] = set()
         self.bars = {}
         self._stop = threading.Event()
@@ -66,7 +66,8 @@ class RunProgress:
                 if not self.live:
                     print(line, file=self.stream, flush=True)
             elif not self.live:
-                when, epoch = self.logged.get(cfg.run_id, (self._started, -1))
+                # a run's clock starts at its first epoch, so a seed that starts late is not printed at once
+                when, epoch = self.logged.setdefault(cfg.run_id, (time.time(), metrics["epoch"]))
                 if metrics["epoch"] > epoch and time.time() - when >= self.log_every:
                     self.logged[cfg.run_id] = (time.time(), metrics["epoch"])
                     print(line, file=self.stream, flush=True)
