@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 
@@ -88,8 +88,18 @@ class LibrosaStats:
 EXTRACTORS = {"opensmile": OpenSmileSet, "librosa": LibrosaStats}
 
 
-def extract_item(read, extractors: dict, item, keep_data: bool):
-    """One item: (MediaError or None, its data (if kept), audio seconds, {name: vector}, {name: seconds}, load s)."""
+class Extracted(NamedTuple):
+    """One item's features: `error` (a bad file) or its vectors, with where the time went."""
+
+    error: MediaError | None
+    data: object  # the waveform (or path) when the caller asked to keep it, for extractors run elsewhere
+    audio_seconds: float
+    vectors: dict
+    seconds: dict
+    load_seconds: float
+
+
+def extract_item(read, extractors: dict, item, keep_data: bool) -> Extracted:
     try:
         start = time.perf_counter()
         data = read(item)
@@ -100,9 +110,9 @@ def extract_item(read, extractors: dict, item, keep_data: bool):
             vectors[name] = ex(data)
             seconds[name] = time.perf_counter() - start
     except MediaError as e:  # a bad file is the caller's decision: stop or mask
-        return e, None, 0.0, {}, {}, 0.0
-    audio_seconds = len(data) / 16_000 if isinstance(data, np.ndarray) else 0.0
-    return None, data if keep_data else None, audio_seconds, vectors, seconds, load
+        return Extracted(e, None, 0.0, {}, {}, 0.0)
+    audio_seconds = len(data) / SAMPLE_RATE if isinstance(data, np.ndarray) else 0.0
+    return Extracted(None, data if keep_data else None, audio_seconds, vectors, seconds, load)
 
 
 _POOL = {}  # a worker process's extractors and whether the parent needs the waveforms back
@@ -115,5 +125,5 @@ def start_pool_worker(extractors: dict, keep_data: bool):
     _POOL.update(extractors=extractors, keep_data=keep_data)
 
 
-def extract_in_pool(item):
+def extract_in_pool(item) -> Extracted:
     return extract_item(load_audio, _POOL["extractors"], item, _POOL["keep_data"])

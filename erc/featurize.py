@@ -69,7 +69,7 @@ def media_workers(value, *, source="params.yaml") -> int:
 
 @contextlib.contextmanager
 def _extracted(items, read, extractors: dict, workers: int):
-    """Each item's `extract_item` result, in order. With workers > 1 (audio), the extractors that can run in worker
+    """Each item's `Extracted`, in order. With workers > 1 (audio), the extractors that can run in worker
     processes (`in_worker_processes`) do, reading the files there; the rest get the waveform back here."""
     pooled = {n: ex for n, ex in extractors.items() if getattr(ex, "in_worker_processes", False)}
     if workers <= 1 or not pooled or read is not load_audio or len(items) < 2 * workers:
@@ -80,11 +80,12 @@ def _extracted(items, read, extractors: dict, workers: int):
                                initargs=(pooled, bool(here)))
 
     def merged():
-        for error, data, audio_seconds, vectors, seconds, load in pool.map(extract_in_pool, items, chunksize=4):
-            if error is None and here:
-                error, _, _, more, more_seconds, _ = extract_item(lambda d: d, here, data, False)
-                vectors, seconds = {**vectors, **more}, {**seconds, **more_seconds}
-            yield error, data, audio_seconds, vectors, seconds, load
+        for done in pool.map(extract_in_pool, items, chunksize=4):
+            if done.error is None and here:
+                more = extract_item(lambda waveform: waveform, here, done.data, False)
+                done = done._replace(error=more.error, vectors={**done.vectors, **more.vectors},
+                                     seconds={**done.seconds, **more.seconds})
+            yield done
 
     try:
         yield merged()
@@ -115,20 +116,19 @@ def featurize_media(items, extractors: dict, directory, *, source: list[str], on
                     with_mask=True))
                 for name, ex in extractors.items()}
         results = stack.enter_context(_extracted(items, read, extractors, workers))
-        for row, (error, _, item_seconds, vectors, spent, load) in enumerate(
-                tqdm(results, total=len(items), desc=modality, unit="file", disable=not progress)):
-            if error is not None:
+        for row, done in enumerate(tqdm(results, total=len(items), desc=modality, unit="file", disable=not progress)):
+            if done.error is not None:
                 if on_bad_media == "error":
-                    raise error
-                bad.append(str(error))
+                    raise done.error
+                bad.append(str(done.error))
                 for fs in sets.values():
                     fs.values[row] = 0.0
                     fs.present[row] = False
                 continue
-            audio_seconds += item_seconds
-            load_seconds += load
-            for name, vector in vectors.items():
-                seconds[name] += spent[name]
+            audio_seconds += done.audio_seconds
+            load_seconds += done.load_seconds
+            for name, vector in done.vectors.items():
+                seconds[name] += done.seconds[name]
                 fs = sets[name]
                 if not np.isfinite(vector).all():  # e.g. a pitch statistic of a clip with no voiced frame
                     vector = np.nan_to_num(vector, nan=0.0, posinf=0.0, neginf=0.0)
