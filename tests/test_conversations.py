@@ -415,7 +415,7 @@ def test_a_new_corpus_is_a_params_entry_through_dvc_repro(tmp_path):
     # Only the new corpus, one seed, two epochs, and one model of each kind (a plain one, a distilled one: the others
     # are the same stage templates): the three built-in datasets need the data mirror and an hour.
     params["pipeline"].update(datasets=["friends"], models=["baseline"], distilled=["summer"], probed=[])
-    params["datasets"] = {"friends": entry}  # prepare and featurize run for every datasets entry
+    params["datasets"] = {"friends": entry}
     params["train"].update(seeds=[0], epochs=2, patience=1)
     params["tune"].update(trials=2, epochs=2, grace_period=1)  # the searches `dvc repro` runs first: short ones
     (clone / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -145,7 +145,8 @@ def test_stages_follow_the_pipeline_lists_of_params(tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     before = stage_names(project)
     params["pipeline"]["datasets"] = [d for d in pipeline["datasets"] if d != "mosi"] + ["talk"]
-    params["datasets"]["talk"] = params["datasets"].pop("mosi")  # prepare and featurize follow the entries
+    params["datasets"]["talk"] = params["datasets"].pop("mosi")
+    params["datasets"]["spare"] = params["datasets"]["talk"]  # an entry in no list: not prepared, not featurized
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     after = stage_names(project)
     models = pipeline["models"] + pipeline["distilled"]
@@ -158,4 +159,5 @@ def test_stages_follow_the_pipeline_lists_of_params(tmp_path):
                              | {f"untuned/dvc.yaml:train_untuned_distilled@{d}-{m}" for m in pipeline["distilled"]})
     assert after - before == per_dataset("talk") and before - after == per_dataset("mosi")
     assert len(per_dataset("talk")) == 3 + len(models) * 3
-    assert {f"{s}@{d}" for s in ("prepare", "featurize", "probe") for d in pipeline["probed"]} <= after  # not trained
+    assert {f"{s}@{d}" for s in ("prepare_probed", "featurize_probed", "probe") for d in pipeline["probed"]} <= after
+    assert not any(name.endswith("@spare") for name in after)
