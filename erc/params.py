@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -34,7 +36,8 @@ def load_params(path="params.yaml", overrides=()) -> dict:
 
 
 def stage_main(fn):
-    """Run a stage's main(); bad input ends it with one line on stderr and exit status 1."""
+    """Run a stage's main(); bad input ends it with one line on stderr and exit status 1. A stage run as a program
+    that returns exits at once (`exit_without_teardown`); one called from Python (a test) returns as usual."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -42,12 +45,26 @@ def stage_main(fn):
         # run, and 75 runs' bars buried their own output.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except ErcDataError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
+        if fn.__module__ == "__main__":
+            exit_without_teardown(0)
+        return result
 
     return wrapper
+
+
+def exit_without_teardown(status: int) -> None:
+    """End the process as Python would, less its last step: threads are joined and every atexit handler runs (Ray's
+    shutdown, log handlers' flush, MLflow's), but the interpreter does not then free each of its thousands of
+    modules and objects one by one (torch, Ray, MLflow: about 2 s of a 10 s train command on 2 cores)."""
+    threading._shutdown()  # what Python's exit does first: the executors' exit hooks, then non-daemon threads
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def project_root() -> Path:

@@ -153,3 +153,51 @@ def test_bad_invocation_stops_before_ray_and_mlflow(project, args, culprit, frag
     assert not store.exists()  # no MLflow store, so no run in it
     assert not (project / "ray_tmp").exists() and not (project / "ray_results").exists()
     assert not (project / "out.json").exists()
+
+
+STAGE = '''
+import atexit, sys, threading, time
+from pathlib import Path
+from erc.errors import ErcDataError
+from erc.params import stage_main
+
+out = Path(sys.argv[1])
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+
+def late_write():
+    time.sleep(0.5)
+    (out / "thread").write_text("joined")
+
+@stage_main
+def main():
+    print("stage output", flush=False)  # still buffered when main returns
+    threading.Thread(target=late_write).start()
+    if sys.argv[2] == "bad":
+        raise ErcDataError("params.yaml", "train.lr: must be positive")
+
+if __name__ == "__main__":
+    main()
+    (out / "after_main").write_text("reached")
+'''
+
+
+@pytest.mark.parametrize("outcome", ["ok", "bad"])
+def test_a_stage_program_exits_after_its_threads_and_exit_handlers(tmp_path, outcome):
+    """A stage run as a program ends right after main() (no interpreter teardown), yet as Python would have: its
+    non-daemon threads finish, its atexit handlers run, its buffered output is written; bad input is exit 1."""
+    script = tmp_path / "stage.py"
+    script.write_text(STAGE)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path), outcome], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert (tmp_path / "thread").read_text() == "joined" and (tmp_path / "atexit").read_text() == "ran"
+    assert not (tmp_path / "after_main").exists()  # the process ended inside the wrapper
+    if outcome == "ok":
+        assert done.returncode == 0 and done.stdout == "stage output\n", done.stderr
+    else:
+        assert done.returncode == 1 and done.stderr.strip() == "error: params.yaml: train.lr: must be positive"
+
+
+def test_a_stage_main_called_from_python_returns():
+    from erc.params import stage_main
+
+    assert stage_main(lambda: 42)() == 42  # a test or a notebook calling main() keeps its process
