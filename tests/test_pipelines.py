@@ -126,6 +126,37 @@ def stage_names(project: Path) -> set[str]:
 PIPELINES = ("dvc.yaml", "tuned/dvc.yaml", "untuned/dvc.yaml")
 
 
+def pipeline_project(project: Path, params: dict) -> Path:
+    """A DVC project (no git) of erc's pipeline files and these params: enough for `dvc stage list`."""
+    for name in PIPELINES:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text((ROOT / name).read_text())
+    (project / ".dvc").mkdir()
+    (project / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    return project
+
+
+def test_the_readme_quick_configuration_is_one_dataset_through_every_model(tmp_path):
+    """The README's quick command, its -S settings applied as `dvc exp run` applies them: MOSI's stages only (no
+    other dataset prepared or featurized), every model's search and training, the leaderboard and the report."""
+    from erc.params import load_params
+
+    block = re.search(r"dvc exp run --temp (.*?)\n```", (ROOT / "README.md").read_text(), re.S).group(1)
+    settings = re.findall(r"-S '?([^'\s]+)'?", block)
+    assert "pipeline.datasets=[mosi]" in settings, block
+    params = load_params(ROOT / "params.yaml", settings)
+    project = pipeline_project(tmp_path / "p", params)
+    names = {n for n in stage_names(project) if not n.startswith("untuned/")}  # a view `dvc exp run` does not run
+    assert {n.split("@")[1].split("-")[0] for n in names if "@" in n} == {"mosi"}
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())["pipeline"]
+    models = shipped["models"] + shipped["distilled"]
+    assert params["pipeline"]["models"] + params["pipeline"]["distilled"] == models
+    assert {n.split("-", 1)[1] for n in names if n.startswith(("train@", "train_distilled@"))} == set(models)
+    assert {n.split("-", 1)[1] for n in names if n.startswith("tuned/")} == set(models)
+    assert {"prepare@mosi", "featurize@mosi", "teacher@mosi", "leaderboard", "report"} <= names
+
+
 def test_stages_follow_the_pipeline_lists_of_params(tmp_path):
     """No pipeline file names a dataset or model: a dataset added to (or removed from) params (its `datasets` entry
     and the `pipeline` lists) adds (or removes) its stages in all of them, and nothing else changes."""
@@ -136,13 +167,7 @@ def test_stages_follow_the_pipeline_lists_of_params(tmp_path):
         named = [n for n in pipeline["datasets"] + pipeline["models"] + pipeline["distilled"]
                  if re.search(rf"\b{n}\b", text.replace("benchmarks/results", ""))]
         assert named == [], f"{name} names {named}"
-    project = tmp_path / "p"
-    for name in PIPELINES:
-        (project / name).parent.mkdir(parents=True, exist_ok=True)
-        (project / name).write_text((ROOT / name).read_text())
-    (project / ".dvc").mkdir()
-    (project / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    project = pipeline_project(tmp_path / "p", params)
     before = stage_names(project)
     params["pipeline"]["datasets"] = [d for d in pipeline["datasets"] if d != "mosi"] + ["talk"]
     params["datasets"]["talk"] = params["datasets"].pop("mosi")
