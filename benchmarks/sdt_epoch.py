@@ -3,6 +3,7 @@
     python benchmarks/sdt_epoch.py                      # 5 timed epochs each, after one warm-up epoch
     python benchmarks/sdt_epoch.py --epochs 3 --base <commit>
     python benchmarks/sdt_epoch.py --profile after      # torch.profiler table of one epoch (self CPU time)
+    python benchmarks/sdt_epoch.py --precision bf16     # "after" under bf16 autocast (train.precision=bf16)
 
 An epoch is one training pass (AdamW, gradient clipping as erc.train), one validation pass and one test pass
 (inference_mode), batch 16 dialogues, hidden 1024, ff 1024, 8 heads, dropout 0.5 (SDTConfig's defaults).
@@ -86,13 +87,18 @@ def epoch_batches(task, epoch: int) -> dict[str, list]:
             "test": list(task.splits["test"].batches(BATCH_SIZE))}
 
 
-def epoch_steps(model, optimizer, batches: dict[str, list], grad_clip: float) -> list:
+def epoch_steps(model, optimizer, batches: dict[str, list], grad_clip: float, dtype=None) -> list:
     """One epoch as steps: a training step per training batch (forward, backward, clipping, AdamW), then
-    inference on each validation and test batch."""
+    inference on each validation and test batch. `dtype` (bf16): forward passes under autocast, as
+    train.precision=bf16 runs them (weights and optimizer state stay fp32)."""
+
+    def forward(batch):
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            return model(batch)
 
     def train(batch):
         model.train()
-        model(batch).loss.backward()
+        forward(batch).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -100,7 +106,7 @@ def epoch_steps(model, optimizer, batches: dict[str, list], grad_clip: float) ->
     @torch.inference_mode()
     def infer(batch):
         model.eval()
-        model(batch)
+        forward(batch)
 
     return ([functools.partial(train, b) for b in batches["train"]]
             + [functools.partial(infer, b) for b in batches["valid"] + batches["test"]])
@@ -158,6 +164,8 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", choices=["before", "after"], help="profile one epoch instead of timing")
     parser.add_argument("--rows", type=int, default=30, help="profiler table rows")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="'after' under bf16 autocast (train.precision=bf16); 'before' stays fp32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, check=True, capture_output=True,
@@ -180,10 +188,12 @@ def main():
         profile(steps, args.rows)
         return
 
+    after_dtype = torch.bfloat16 if args.precision == "bf16" else None
     wall, cpu = {k: [] for k in models}, {k: [] for k in models}
     for epoch in range(args.epochs + 1):  # epoch 0 warms up
         batches = epoch_batches(task, epoch)
-        seconds = interleaved_epoch({k: epoch_steps(m, optimizers[k], batches, cfg.grad_clip)
+        seconds = interleaved_epoch({k: epoch_steps(m, optimizers[k], batches, cfg.grad_clip,
+                                                 dtype=after_dtype if k == "after" else None)
                                      for k, m in models.items()}, epoch)
         for k, (w, c) in seconds.items():
             if epoch:
@@ -198,9 +208,10 @@ def main():
     print(f"\n{'':8s} {'s/epoch':>8s} {'CPU s/epoch':>12s} {'parameters':>12s}   (medians of {args.epochs} epochs)")
     for k in models:
         print(f"{k:8s} {median[k][0]:8.2f} {median[k][1]:12.2f} {params[k]:12,d}")
-    print(f"{'ratio':8s} {ratio:8.3f} {cpu_ratio:12.3f}   after/before, {args.threads} threads, base {base[:10]}")
+    print(f"{'ratio':8s} {ratio:8.3f} {cpu_ratio:12.3f}   after ({args.precision})/before (fp32), {args.threads} threads, "
+          f"base {base[:10]}")
     write_json(ROOT / "benchmarks/results/sdt_epoch.json", {
-        "base_commit": base, "threads": args.threads, "epochs": args.epochs, "batch_size": BATCH_SIZE,
+        "base_commit": base, "threads": args.threads, "after_precision": args.precision, "epochs": args.epochs, "batch_size": BATCH_SIZE,
         "params": params["after"], "max_logit_difference": difference,
         "ratio_after_before": ratio, "cpu_ratio_after_before": cpu_ratio,
         **{f"{k}_s_per_epoch": median[k][0] for k in models}, **{f"{k}_cpu_s_per_epoch": median[k][1] for k in models},
