@@ -93,7 +93,7 @@ def epoch_steps(model, optimizer, batches: dict[str, list], grad_clip: float, dt
     train.precision=bf16 runs them (weights and optimizer state stay fp32)."""
 
     def forward(batch):
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with contextlib.nullcontext() if dtype is None else torch.autocast("cpu", dtype=dtype):
             return model(batch)
 
     def train(batch):
@@ -208,10 +208,11 @@ def main():
     print(f"\n{'':8s} {'s/epoch':>8s} {'CPU s/epoch':>12s} {'parameters':>12s}   (medians of {args.epochs} epochs)")
     for k in models:
         print(f"{k:8s} {median[k][0]:8.2f} {median[k][1]:12.2f} {params[k]:12,d}")
-    print(f"{'ratio':8s} {ratio:8.3f} {cpu_ratio:12.3f}   after ({args.precision})/before (fp32), {args.threads} threads, "
-          f"base {base[:10]}")
+    print(f"{'ratio':8s} {ratio:8.3f} {cpu_ratio:12.3f}   after ({args.precision})/before (fp32), "
+          f"{args.threads} threads, base {base[:10]}")
     write_json(ROOT / "benchmarks/results/sdt_epoch.json", {
-        "base_commit": base, "threads": args.threads, "after_precision": args.precision, "epochs": args.epochs, "batch_size": BATCH_SIZE,
+        "base_commit": base, "threads": args.threads, "after_precision": args.precision, "epochs": args.epochs,
+        "batch_size": BATCH_SIZE,
         "params": params["after"], "max_logit_difference": difference,
         "ratio_after_before": ratio, "cpu_ratio_after_before": cpu_ratio,
         **{f"{k}_s_per_epoch": median[k][0] for k in models}, **{f"{k}_cpu_s_per_epoch": median[k][1] for k in models},
