@@ -8,11 +8,17 @@
 
 Every extractor has `names` (one per dimension) and maps a waveform to a float32 vector of `len(names)`.
 Both pickle as their settings, so `erc.featurize` can run them in worker processes (`featurize.workers`).
+
+A row's numbers must not depend on where it was computed: BLAS kernels sum in another order with another thread
+count (OpenBLAS's Haswell kernels do; 62 of 1,068 librosa values moved by 2e-7 between 1 and 2 workers). So
+reading a file and every hand-made set run with one thread in whichever process computes the row
+(`single_threaded`), the stage's own as well as a worker; the processes are the parallelism.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -26,7 +32,7 @@ class OpenSmileSet:
     """openSMILE functionals of one of the package's feature sets (`opensmile.FeatureSet` names)."""
 
     set: str = "eGeMAPSv02"
-    in_worker_processes: ClassVar[bool] = True  # CPU-bound, single-threaded, cheap to rebuild
+    in_worker_processes: ClassVar[bool] = True  # CPU-bound, computed single-threaded, cheap to rebuild
 
     def __post_init__(self):
         import opensmile
@@ -99,15 +105,27 @@ class Extracted(NamedTuple):
     load_seconds: float
 
 
+def single_threaded():
+    """One BLAS and OpenMP thread for what runs inside, restored after: the arithmetic of a worker process."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1)  # looks the libraries up each time: scipy's BLAS loads only with librosa
+
+
 def extract_item(read, extractors: dict, item, keep_data: bool) -> Extracted:
+    """Read `item` and run every extractor on it. The reading and the sets that can run in worker processes run
+    single-threaded here too, so a row is the same whichever process computes it; the rest (speech encoders) keep
+    this process's threads."""
     try:
         start = time.perf_counter()
-        data = read(item)
+        with single_threaded():
+            data = read(item)
         load = time.perf_counter() - start
         vectors, seconds = {}, {}
         for name, ex in extractors.items():
             start = time.perf_counter()
-            vectors[name] = ex(data)
+            with single_threaded() if getattr(ex, "in_worker_processes", False) else nullcontext():
+                vectors[name] = ex(data)
             seconds[name] = time.perf_counter() - start
     except MediaError as e:  # a bad file is the caller's decision: stop or mask
         return Extracted(e, None, 0.0, {}, {}, 0.0)
@@ -119,9 +137,6 @@ _POOL = {}  # a worker process's extractors and whether the parent needs the wav
 
 
 def start_pool_worker(extractors: dict, keep_data: bool):
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1)  # the processes are the parallelism; BLAS threads on top would oversubscribe
     _POOL.update(extractors=extractors, keep_data=keep_data)
 
 

@@ -15,7 +15,7 @@ from erc.data import canonical
 from erc.data.media import MediaItem
 from erc.featurize import audio_extractors, featurize_media
 from erc.speech import SpeechEncoder
-from tests.media_fixtures import SR, espeak, tiny_speech_model, tone, video_with_audio, write_audio
+from tests.media_fixtures import SR, ThreadsSeen, espeak, tiny_speech_model, tone, video_with_audio, write_audio
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +161,8 @@ def test_featurize_media_masks_and_counts_bad_files(tmp_path, speech_models):
 
 
 def test_worker_processes_give_the_same_rows_and_the_same_bad_file_errors(tmp_path, speech_models):
+    from threadpoolctl import threadpool_limits
+
     clips = [write_audio(tmp_path / f"c{i}.wav", tone(0.5 + 0.25 * i, 120.0 + 40 * i)) for i in range(5)]
     items = [MediaItem(c) for c in clips[:2]] + [MediaItem(tmp_path / "gone.wav")] + [MediaItem(c) for c in clips[2:]]
     params = {"acoustic": {"egemaps": {"kind": "opensmile", "set": "eGeMAPSv02"}, "lib": {"kind": "librosa"}},
@@ -168,8 +170,11 @@ def test_worker_processes_give_the_same_rows_and_the_same_bad_file_errors(tmp_pa
     extractors = audio_extractors(params, None)
     with pytest.raises(MediaError, match="gone.wav: missing media file"):
         featurize_media(items, extractors, tmp_path / "strict", source=["test"], progress=False, workers=2)
-    figures = {w: featurize_media(items, extractors, tmp_path / f"w{w}", source=["test"], on_bad_media="mask",
-                                  progress=False, workers=w) for w in (1, 2)}
+    # The stage's process has 2 BLAS threads, as on any 2-core machine: with OpenBLAS's Haswell kernels (AMD EPYC),
+    # librosa's rows computed with them differed in the 7th digit from a worker's, computed with one.
+    with threadpool_limits(2):
+        figures = {w: featurize_media(items, extractors, tmp_path / f"w{w}", source=["test"], on_bad_media="mask",
+                                      progress=False, workers=w) for w in (1, 2)}
     assert figures[2]["workers"] == 2 and figures[2]["bad_media"] == figures[1]["bad_media"] == 1
     assert figures[2]["audio_seconds"] == pytest.approx(figures[1]["audio_seconds"]) == pytest.approx(5.0)
     for name in ("egemaps", "lib", "w2v"):
@@ -177,6 +182,21 @@ def test_worker_processes_give_the_same_rows_and_the_same_bad_file_errors(tmp_pa
         assert two.present.tolist() == [True, True, False, True, True, True]
         np.testing.assert_array_equal(one.values, two.values)
         assert figures[2]["seconds"][name] > 0
+
+
+def test_every_hand_made_row_is_computed_single_threaded_in_any_process(tmp_path):
+    """The cause of the worker-count difference, on any CPU: a row computed in the stage's process used its BLAS
+    threads, a worker's one. Now both use one, and the stage's own threads are back afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    clips = [MediaItem(write_audio(tmp_path / f"c{i}.wav", tone(0.5, 150.0 + 30 * i))) for i in range(4)]
+    with threadpool_limits(2):
+        for workers in (1, 2):
+            featurize_media(clips, {"seen": ThreadsSeen()}, tmp_path / f"w{workers}", source=["test"], progress=False,
+                            workers=workers)
+            seen = canonical.load_features(tmp_path / f"w{workers}", "seen").values
+            assert seen.tolist() == [[1.0, 1.0]] * 4, workers
+        assert max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas") == 2
 
 
 def test_featurize_workers_param():
