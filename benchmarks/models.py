@@ -32,7 +32,9 @@ def measure(model_name: str, dataset: str, epochs: int = 1, warmup_batches: int 
 
     from erc.models import MODELS, build_model
     from erc.params import load_params
-    from erc.train import configs_from_params, load_task, seed_everything
+    from erc.training.config import configs_from_params
+    from erc.training.loop import seed_everything
+    from erc.training.task import load_task
 
     params = load_params(ROOT / "params.yaml")
     teacher = ROOT / "runs" / "teacher" / dataset

@@ -5,7 +5,7 @@
 
 Part 1 runs the train stage from the shell, as a user does (`python pipelines/train.py --dataset mosi --model
 baseline --set 'train.seeds=[0]' ...`), into a temporary MLflow store and Ray storage, and splits its wall time
-with the `time_*_s` metrics each run records (erc.train.Clock). Training and evaluation proper are the train,
+with the `time_*_s` metrics each run records (erc.training.clock.Clock). Training and evaluation proper are the train,
 validation and test passes; everything else is fixed cost. The store is created before the clock starts (a new
 store's schema migration happens once per store, not per run; it is printed separately).
 Part 2 does the same with 3 seeds in one stage, which share one process. Both run with params' default
@@ -74,8 +74,10 @@ def tune_trials(tmp: Path, uri: str, dataset: str, model: str, trials: int, epoc
     import mlflow
 
     from erc.params import load_params
-    from erc.train import configs_from_params, init_ray, resolve_locations
-    from erc.tune import search, space_for
+    from erc.training.cluster import init_ray
+    from erc.training.config import configs_from_params
+    from erc.training.driver import resolve_locations
+    from erc.training.tune import search, space_for
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
     params = load_params(ROOT / "params.yaml", [f"train.epochs={epochs}", f"train.patience={epochs}",

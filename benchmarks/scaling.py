@@ -4,7 +4,7 @@
     python benchmarks/scaling.py --models sdt --workers 1 2 4 --dataset meld
     python benchmarks/scaling.py --set train.use_gpu=true   # on a GPU node (DeepSpeed, bf16 by default)
 
-Each point is a real Ray Train run of the train stage's loop (`erc.train.fit`) with the global batch of
+Each point is a real Ray Train run of the train stage's loop (`erc.training.driver.fit`) with the global batch of
 params.yaml, so 1 and N workers do the same optimizer steps. The figure is the median over epochs 2.. of the
 epoch's training utterances/s (all workers together, epoch wall time, validation excluded). The machine's CPUs
 are split evenly over the workers. Per-epoch figures go to a scratch MLflow store; results are printed and
@@ -31,7 +31,7 @@ from erc.params import load_params  # noqa: E402
 def utterances_per_s(cfg, client) -> dict:
     """Fit `cfg` (no test evaluation) and return the median epoch throughput and what it ran on."""
     from erc import tracking
-    from erc.train import fit
+    from erc.training.driver import fit
 
     cfg.run_id = client.create_run(tracking.experiment_id(cfg.experiment, cfg.tracking_uri)).info.run_id
     result = fit([cfg], evaluate_test=False)
@@ -54,7 +54,8 @@ def main():
 
     import mlflow
 
-    from erc.train import configs_from_params, init_ray
+    from erc.training.cluster import init_ray
+    from erc.training.config import configs_from_params
 
     params = load_params(ROOT / "params.yaml", args.set)
     params["data_dir"] = str((ROOT / params.get("data_dir", "data")).resolve())

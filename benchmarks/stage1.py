@@ -42,7 +42,7 @@ def paired(before: list[float], after: list[float]) -> dict:
 
 
 def dialogue_p(before_ids: list[str], after_ids: list[str], dataset: str) -> float:
-    """The leaderboard's test (erc.stats.paired_randomization): test dialogues swapped between the two runs of a
+    """The leaderboard's test (erc.evaluation.stats.paired_randomization): test dialogues swapped between the two runs of a
     seed; unlike the t-test over seeds, this counts the test set's own sampling noise."""
     import tempfile
 
@@ -50,8 +50,8 @@ def dialogue_p(before_ids: list[str], after_ids: list[str], dataset: str) -> flo
     import pandas as pd
 
     from erc import tracking
-    from erc.leaderboard import dataset_confusions
-    from erc.stats import paired_randomization
+    from erc.evaluation.leaderboard import dataset_confusions
+    from erc.evaluation.stats import paired_randomization
 
     client = mlflow.MlflowClient(tracking.tracking_uri())
     predictions = {}

@@ -24,11 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from erc.data import canonical  # noqa: E402
-from erc.features import encode_texts, load_encoder  # noqa: E402
+from erc.features.text import encode_texts, load_encoder  # noqa: E402
 from erc.io import write_json  # noqa: E402
 from erc.models import build_model  # noqa: E402
 from erc.params import load_params  # noqa: E402
-from erc.train import TrainConfig, load_task, seed_everything  # noqa: E402
+from erc.training.config import TrainConfig
+from erc.training.loop import seed_everything  # noqa: E402
+from erc.training.task import load_task
 
 
 def featurize_throughput(dataset: str, params: dict, limit: int) -> float:

@@ -12,8 +12,8 @@ import importlib
 import sys
 
 COMMANDS = {  # name -> (module with main(argv), one line of help)
-    "check-data": ("erc.check_data", "show what a dataset's adapter would produce, and every problem, writing nothing"),
-    "predict": ("erc.predict", "a trained model on a new conversation: each utterance's emotion, probabilities, gates"),
+    "check-data": ("erc.data.check", "show what a dataset's adapter would produce, and every problem, writing nothing"),
+    "predict": ("erc.serving.predict", "a trained model on a new conversation: each utterance's emotion, probabilities, gates"),
 }
 
 

@@ -13,11 +13,11 @@ import json
 import torch
 
 from erc.data.canonical import feature_set_names, load, load_features
-from erc.featurize import featurize_dataset
+from erc.evaluation.leakage import leakage_max_gap, probe_features
+from erc.features.featurize import featurize_dataset
 from erc.io import atomic_path
-from erc.config import leakage_max_gap
-from erc.leakage import probe_features
 from erc.params import load_params, stage_main
+from erc.training.finetune import finetune_dataset
 
 
 @stage_main
@@ -36,8 +36,10 @@ def main():
     prepared = load(args.prepared, feature_names=[])
     with atomic_path(args.out) as tmp:
         tmp.mkdir()
-        for line in featurize_dataset(args.dataset, prepared, f"{args.prepared}/utterances.parquet", params, tmp,
-                                      source=args.params):
+        table_source = f"{args.prepared}/utterances.parquet"
+        for line in featurize_dataset(args.dataset, prepared, table_source, params, tmp, source=args.params):
+            print(line, flush=True)
+        for line in finetune_dataset(args.dataset, prepared, table_source, params, tmp, source=args.params):
             print(line, flush=True)
         # Every set it made gets the leakage probe; a fine-tuned encoder's (stage 1) learnt from training labels.
         gap = leakage_max_gap(params, source=args.params)

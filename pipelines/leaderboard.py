@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from erc import leaderboard
+from erc.evaluation import leaderboard
 from erc.io import atomic_path, write_json
 from erc.params import load_params, stage_main
 from erc.tracking import tracking_uri

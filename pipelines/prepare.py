@@ -9,8 +9,7 @@ import argparse
 
 from erc.data import build_dataset
 from erc.data.canonical import counts, save
-from erc.config import leakage_max_gap
-from erc.leakage import probe_features
+from erc.evaluation.leakage import leakage_max_gap, probe_features
 from erc.params import load_params, stage_main
 
 

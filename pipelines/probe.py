@@ -9,9 +9,9 @@ them as DVC metrics. All utterances take part (the prepared split is not used: t
 import argparse
 
 from erc.data.canonical import feature_set_names, load
+from erc.evaluation.probe import speaker_independent_probe
 from erc.io import write_json
 from erc.params import load_params, stage_main
-from erc.probe import speaker_independent_probe
 
 
 @stage_main

@@ -8,15 +8,14 @@ lists) or run-list files named one by one.
 """
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 
-from erc import gates as gate_stats
-from erc import leaderboard, report, robustness, tracking
+from erc import tracking
+from erc.evaluation import leaderboard, report, robustness
 from erc.io import atomic_path
 from erc.params import load_params, stage_main
 
@@ -44,35 +43,11 @@ def main():
     curves = report.learning_curves(client, runs)
 
     out = Path(args.out)
+    generated = (f"{len(runs)} runs, {runs['dataset'].nunique()} datasets, {runs['model'].nunique()} models; "
+                 f"made {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from {uri}")
     with atomic_path(out) as tmp:
-        (tmp / "figures").mkdir(parents=True)
-        images = {"gates": [], "confusion": [], "curves": []}
-        if len(evaluated.gates):
-            keys = ["dataset", "model", "gate", "expert"]
-            means = evaluated.gates.groupby(keys, sort=False).mean(numeric_only=True).reset_index()
-            means.drop(columns=["seed"]).to_csv(tmp / "gates.csv", index=False, float_format="%.4f")
-            for (dataset, model), part in means.groupby(["dataset", "model"], sort=True):
-                path = tmp / "figures" / f"gates_{dataset}_{model}.png"
-                gate_stats.plot(part, evaluated.labels[dataset], f"{dataset} {model}", path)
-                images["gates"].append((f"{dataset} {model} gates", path.read_bytes()))
-        for (dataset, model), (labels, cm) in sorted(evaluated.confusions.items()):
-            path = tmp / "figures" / f"confusion_{dataset}_{model}.png"
-            tracking.confusion_png(cm, labels, f"{dataset} {model}: test, all seeds", path)
-            images["confusion"].append((f"{dataset} {model} confusion", path.read_bytes()))
-        for dataset in sorted(curves["dataset"].unique()):
-            png = report.curves_png(curves, dataset)
-            (tmp / "figures" / f"curves_{dataset}.png").write_bytes(png)
-            images["curves"].append((f"{dataset} learning curves", png))
-        if len(robust):
-            robust.to_csv(tmp / "robustness.csv", index=False, float_format="%.4f")
-            (tmp / "robustness.md").write_text(robustness.to_markdown(robust))
-        published.to_csv(tmp / "published.csv", index=False)
-        shutil.copy2(args.leaderboard, tmp / "leaderboard.csv")
-        generated = (f"{len(runs)} runs, {runs['dataset'].nunique()} datasets, {runs['model'].nunique()} models; "
-                     f"made {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from {uri}")
-        (tmp / "index.html").write_text(report.page(
-            board=board, published=published, classes=report.per_class_f1(runs, evaluated.labels),
-            robust_table=report.robustness_display(robust), images=images, generated=generated))
+        report.write_page(tmp, board=board, published=published, evaluated=evaluated, robust=robust, curves=curves,
+                          runs=runs, leaderboard_csv=args.leaderboard, generated=generated)
 
     experiment = tracking.experiment_id(params.get("train", {}).get("experiment", tracking.EXPERIMENT), uri)
     parent = report.log_parent_run(client, experiment, out, runs, robust)

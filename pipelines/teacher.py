@@ -8,9 +8,9 @@ every run, tracked in MLflow with tag role=teacher); its checkpoint directory is
 
 import argparse
 
-from erc.config import teacher_settings
 from erc.params import load_params, stage_main
-from erc.train import configs_from_params, run
+from erc.training.config import configs_from_params, teacher_settings
+from erc.training.driver import run
 
 
 @stage_main

@@ -11,10 +11,10 @@ STARTED = time.time()  # the imports below count as the run's start-up (time_dri
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from erc.config import check_teacher  # noqa: E402
 from erc.io import write_json  # noqa: E402
 from erc.params import load_params, stage_main  # noqa: E402
-from erc.train import configs_from_params, run_all  # noqa: E402
+from erc.training.config import check_teacher, configs_from_params  # noqa: E402
+from erc.training.driver import run_all  # noqa: E402
 
 
 @stage_main
@@ -35,7 +35,7 @@ def main():
     params = load_params(args.params, args.set)
     variant = "default"
     if args.config:
-        from erc.tune import apply_best
+        from erc.training.tune import apply_best
 
         params, variant = apply_best(params, args.config, args.dataset, args.model), "tuned"
     runs = configs_from_params(params, args.dataset, args.model, source=args.config or args.params,

@@ -13,10 +13,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from erc.config import check_teacher, tune_settings
 from erc.params import load_params, stage_main
-from erc.train import configs_from_params, init_ray, resolve_locations
-from erc.tune import SearchInterrupted, default_name, discard, search, space_for, write_best
+from erc.training.cluster import init_ray
+from erc.training.config import check_teacher, configs_from_params, tune_settings
+from erc.training.driver import resolve_locations
+from erc.training.tune import SearchInterrupted, default_name, discard, search, space_for, write_best
 
 
 @stage_main

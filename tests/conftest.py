@@ -13,17 +13,17 @@ if str(_Path(__file__).resolve().parent.parent) not in _sys.path:  # `from tests
     _sys.path.insert(0, str(_Path(__file__).resolve().parent.parent))
 
 
-_os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # as erc.train.init_ray sets it
+_os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # as erc.training.cluster.init_ray sets it
 
 
 @pytest.fixture(scope="session")
 def ray_session():
     """One Ray for the whole test session (each start costs seconds): a real two-node cluster on this machine,
     two logical CPUs a node, so that multi-worker runs can be spread over nodes."""
+    import socket
+
     import ray
     from ray.cluster_utils import Cluster
-
-    import socket
 
     with socket.socket() as s:  # a free dashboard port: another Ray on the machine may hold the default one
         s.bind(("127.0.0.1", 0))

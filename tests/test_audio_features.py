@@ -9,12 +9,12 @@ import shutil
 import numpy as np
 import pytest
 
-from erc.acoustic import LibrosaStats, OpenSmileSet
-from erc.audio import MediaError, load_audio
 from erc.data import canonical
 from erc.data.media import MediaItem
-from erc.featurize import audio_extractors, featurize_media
-from erc.speech import SpeechEncoder
+from erc.features.acoustic import LibrosaStats, OpenSmileSet
+from erc.features.audio import MediaError, load_audio
+from erc.features.featurize import audio_extractors, featurize_media
+from erc.features.speech import SpeechEncoder
 from tests.media_fixtures import SR, ThreadsSeen, espeak, tiny_speech_model, tone, video_with_audio, write_audio
 
 
@@ -201,7 +201,7 @@ def test_every_hand_made_row_is_computed_single_threaded_in_any_process(tmp_path
 
 def test_featurize_workers_param():
     from erc.errors import ErcDataError
-    from erc.featurize import media_workers
+    from erc.features.featurize import media_workers
 
     assert media_workers(3) == 3 and media_workers("auto") >= 1 and media_workers(None) == media_workers("auto")
     for bad in (0, "two", True, 1.5):

@@ -1,4 +1,4 @@
-"""Params and inputs checked before anything starts (erc.config): one line `<file>: <key>: <problem>`, no Ray, no run.
+"""Params and inputs checked before anything starts (erc.training.config): one line `<file>: <key>: <problem>`, no Ray, no run.
 
 The stage tests run the real `pipelines/train.py` on a real tiny prepared dataset, with an MLflow store and a Ray
 folder of their own, and check that a bad invocation ends before either is touched.
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from erc import config
 from erc.errors import ErcDataError
-from erc.train import configs_from_params
+from erc.training import config
+from erc.training.config import configs_from_params
 from tests.fixtures import INPUTS, make_prepared
 
 ROOT = Path(__file__).resolve().parent.parent

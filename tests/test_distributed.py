@@ -26,7 +26,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from erc.train import TrainConfig, run
+from erc.training.config import TrainConfig
+from erc.training.driver import run
 from tests.fixtures import INPUTS, make_prepared
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,7 +151,7 @@ def test_killed_worker_restores_from_the_last_checkpoint(reference_runs, medium,
 def test_worker_killed_in_a_later_seed_resumes_that_seed(reference_runs, medium, store, tmp_path):
     """A stage's seeds share one worker group: a restart resumes the seed it was at, and the seeds already done
     are neither trained nor evaluated again."""
-    from erc.train import run_all
+    from erc.training.driver import run_all
 
     client = mlflow.MlflowClient(store)
     experiment = "erc-distributed-kill-seeds"

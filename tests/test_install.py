@@ -2,8 +2,9 @@
 README commands install from requirements.lock, and the lock pins every dependency exactly (torch at the README's pin)."""
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 

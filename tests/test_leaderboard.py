@@ -7,12 +7,12 @@ import subprocess
 import sys
 
 import mlflow
-import pandas as pd
 import numpy as np
+import pandas as pd
 import pytest
 
-from erc import leaderboard
 from erc.errors import ErcDataError
+from erc.evaluation import leaderboard
 from erc.params import project_root
 
 # (dataset, model, features) -> per-seed test metrics (percent; MAE in sentiment units)

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 
 from erc.data.canonical import FeatureSet
-from erc.leakage import probe, probe_features
+from erc.evaluation.leakage import probe, probe_features
 
 LABELS = ["a", "b", "c"]
 

@@ -16,7 +16,7 @@ import yaml
 from erc.data import canonical, folder_labels
 from erc.data.media import MediaItem, media_items
 from erc.errors import ErcDataError
-from erc.featurize import featurize_dataset
+from erc.features.featurize import featurize_dataset
 from erc.sources import DatasetFiles, sha256_of, tree_sha256
 from tests.media_fixtures import tiny_image_model, tone, video_with_audio, write_audio
 
@@ -126,8 +126,8 @@ def test_meld_release_layout_reads_the_video_clips(tmp_path):
 
 
 def test_visual_features_from_sampled_frames(tmp_path):
-    from erc.audio import MediaError
-    from erc.vision import FrameEncoder, sample_frames
+    from erc.features.audio import MediaError
+    from erc.features.vision import FrameEncoder, sample_frames
 
     wav = write_audio(tmp_path / "a.wav", tone(1.0))
     black = video_with_audio(tmp_path / "black.mp4", wav)

@@ -16,7 +16,9 @@ import pytest
 
 from erc import tracking
 from erc.models import build_model
-from erc.train import TrainConfig, load_task, save_checkpoint
+from erc.training.loop import checkpoint_files
+from erc.training.config import TrainConfig
+from erc.training.task import load_task
 from tests.fixtures import INPUTS
 from tests.test_report import chromium
 
@@ -37,7 +39,7 @@ def server(tiny_emotion, tmp_path_factory):
     task = load_task(cfg)
     cfg.run_id = client.create_run(experiment, tags={"mlflow.runName": "tiny/mister_e/seed0"}).info.run_id
     (root / "checkpoint").mkdir()
-    save_checkpoint(root / "checkpoint", build_model(cfg.model, task.spec, cfg.model_config), cfg, task, 0, {})
+    checkpoint_files(root / "checkpoint", build_model(cfg.model, task.spec, cfg.model_config), cfg, task, 0, {})
     tracking.log_trained_model(client, cfg, task, root / "checkpoint", {"test_wf1": 61.5, "test_acc": 62.0})
     client.set_terminated(cfg.run_id, "FINISHED")
     with socket.socket() as s:

@@ -1,17 +1,14 @@
 """MiSTER-E (erc/models/mister_e.py) on tiny generated dialogues (no Ray)."""
 
 import dataclasses
-import functools
 
 import numpy as np
 import pytest
 import torch
 
-from erc.data.dialogues import IGNORE, Batch
 from erc.models import MODELS, ModelSpec, build_model
-from erc.train import seed_everything
-from tests.fixtures import (MISSING_AUDIO_ROW, alone_and_padded, one_torch_thread, overfit,
-                            seeded_loss, shortest_and_longest)
+from erc.training.loop import seed_everything
+from tests.fixtures import MISSING_AUDIO_ROW, one_torch_thread
 
 SMALL = {"width": 16, "attn_dim": 12, "heads": 3, "gru_layers": 2, "cross_blocks": 2, "dropout": 0.1}
 SUBSETS = [("text",), ("audio",), ("text", "audio")]
@@ -32,21 +29,6 @@ def restrict(spec, modalities):
 def model_of(spec, seed=0, **overrides):
     torch.manual_seed(seed)
     return build_model("mister_e", spec, {**SMALL, **overrides})
-
-
-def pad(batch: Batch, extra: int) -> Batch:
-    """The same dialogues with `extra` more padded utterances at the end of each."""
-    B = batch.mask.shape[0]
-
-    def more(x, value):
-        tail = torch.full((B, extra, *x.shape[2:]), value, dtype=x.dtype)
-        return torch.cat([x, tail], dim=1)
-
-    return Batch({m: more(f, 0.0) for m, f in batch.features.items()},
-                 {m: more(k, False) for m, k in batch.modality_mask.items()},
-                 more(batch.mask, False), more(batch.speakers, 0), more(batch.labels, IGNORE),
-                 more(batch.sentiment, IGNORE), more(batch.score, float("nan")), more(batch.rows, -1))
-
 
 def test_registered_with_the_paper_defaults():
     cfg = MODELS["mister_e"].Config()
@@ -156,29 +138,6 @@ def test_missing_modality_rows_are_masked(emotion_task):
     torch.testing.assert_close(present.logits[others], before.logits[others])
     assert abs(float(present.losses["supcon"]) - float(before.losses["supcon"])) > 1e-6
 
-
-@pytest.mark.parametrize("which", ["emotion", "mosi"])
-def test_padding_invariance(emotion_task, mosi_task, which):
-    task = emotion_task if which == "emotion" else mosi_task
-    data = task.splits["train"]
-    short, long, n = shortest_and_longest(data)
-    model = model_of(task.spec).eval()
-    alone, padded_batch, padded = alone_and_padded(model, data.collate, short, long, n)
-    with torch.no_grad():
-        batch = data.collate([0, 1, 2])
-        plain, extra = model(batch), model(pad(batch, 4))
-    torch.testing.assert_close(padded.logits[1, :n], alone.logits[0, :n], atol=1e-5, rtol=0)
-    torch.testing.assert_close(padded.extras["gate"][1, :n], alone.extras["gate"][0, :n], atol=1e-5, rtol=0)
-    if task.has_score:
-        torch.testing.assert_close(padded.score[1, :n], alone.score[0, :n], atol=1e-5, rtol=0)
-    # Every loss term (focal, SupCon, KL, L1) is the same with 4 more padded utterances per dialogue.
-    assert set(extra.losses) == set(plain.losses) and len(plain.losses) >= 6
-    for name in plain.losses:
-        torch.testing.assert_close(extra.losses[name], plain.losses[name], atol=1e-5, rtol=0, msg=name)
-    torch.testing.assert_close(extra.logits[:, :batch.mask.shape[1]][batch.mask], plain.logits[batch.mask],
-                               atol=1e-5, rtol=0)
-
-
 # Which parameter groups each loss term must reach (prefixes of parameter names); all others must get none.
 CONTRASTIVE_VIEW = ("cross.speech_in", "cross.text_in", "cross.blocks", "cross.speech_skip", "cross.text_skip")
 REACHES = {
@@ -225,21 +184,3 @@ def test_class_weights_change_the_focal_terms_only(emotion_task):
     for name in ("supcon", "kl"):
         torch.testing.assert_close(a.losses[name], b.losses[name])
 
-
-def test_overfits_a_tiny_batch(emotion_task):
-    model = model_of(emotion_task.spec, width=32, dropout=0.0, attn_dropout=0.0)
-    batch = emotion_task.splits["train"].collate([0, 1, 2])
-    real = batch.labels != IGNORE
-    out, first = overfit(model, batch, steps=60, lr=3e-3, first_of="focal_mix")
-    accuracy = (out.logits.argmax(-1)[real] == batch.labels[real]).float().mean().item()
-    assert accuracy == 1.0
-    assert float(out.losses["focal_mix"]) < 0.05 * first
-
-
-def test_same_seed_same_loss(mosi_task):
-    batch = mosi_task.splits["train"].collate([0, 1, 2, 3])
-
-    loss_with = functools.partial(seeded_loss, "mister_e", mosi_task.spec, SMALL, batch)  # (seed) -> loss
-
-    assert loss_with(0) == loss_with(0)
-    assert loss_with(0) != loss_with(1)

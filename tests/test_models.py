@@ -1,16 +1,12 @@
 """The model interface and the context baseline, on tiny generated dialogues (no Ray)."""
 
 import dataclasses
-import functools
 
-import numpy as np
 import pytest
 import torch
 
-from erc.data.dialogues import IGNORE
 from erc.models import MODELS, ModelOutput, ModelSpec, build_model
-from tests.fixtures import (AUDIO_DIM, TEXT_DIM, alone_and_padded, overfit, seeded_loss,
-                            shortest_and_longest)
+from tests.fixtures import AUDIO_DIM, TEXT_DIM
 
 SMALL = {"hidden": 16, "dropout": 0.1}
 
@@ -77,36 +73,6 @@ def test_modality_subsets(emotion_task, modalities):
             assert delta == 0.0, m
 
 
-def test_missing_modality_rows_are_masked(emotion_task):
-    """The utterance without audio gets modality_mask False, and its audio values do not matter."""
-    from tests.fixtures import MISSING_AUDIO_ROW
-
-    data = emotion_task.splits["train"]
-    index = next(i for i, d in enumerate(data.dialogues) if MISSING_AUDIO_ROW in d.rows)
-    batch = data.collate([index])
-    pos = int(np.flatnonzero(batch.rows[0].numpy() == MISSING_AUDIO_ROW)[0])
-    assert not batch.modality_mask["audio"][0, pos] and batch.modality_mask["text"][0, pos]
-    assert int(batch.modality_mask["audio"].sum()) == batch.num_utterances - 1
-    model = build_model("baseline", emotion_task.spec, SMALL).eval()
-    before = model(batch).logits
-    batch.features["audio"][0, pos] = 100.0
-    assert torch.allclose(model(batch).logits, before)
-
-
-@pytest.mark.parametrize("which", ["emotion", "mosi"])
-def test_padding_invariance(emotion_task, mosi_task, which):
-    task = emotion_task if which == "emotion" else mosi_task
-    data = task.splits["train"]
-    short, long, n = shortest_and_longest(data)
-    torch.manual_seed(0)
-    model = build_model("baseline", task.spec, SMALL).eval()
-    alone, padded_batch, padded = alone_and_padded(model, data.collate, short, long, n)
-    torch.testing.assert_close(padded.logits[1, :n], alone.logits[0, :n], atol=1e-5, rtol=0)
-    if task.has_score:
-        torch.testing.assert_close(padded.score[1, :n], alone.score[0, :n], atol=1e-5, rtol=0)
-    # and the padded positions carry no labels, so they cannot enter the loss
-    assert (padded_batch.labels[1, n:] == IGNORE).all()
-
 
 def test_losses_finite_and_every_parameter_gets_gradient(mosi_task):
     torch.manual_seed(0)
@@ -134,22 +100,3 @@ def test_class_weights_change_the_loss(emotion_task):
     torch.testing.assert_close(a.logits, b.logits)
     assert abs(float(a.loss) - float(b.loss)) > 1e-4
 
-
-def test_overfits_a_tiny_batch(emotion_task):
-    torch.manual_seed(0)
-    model = build_model("baseline", emotion_task.spec, {"hidden": 32, "dropout": 0.0})
-    batch = emotion_task.splits["train"].collate([0, 1, 2])
-    real = batch.labels != IGNORE
-    out, first = overfit(model, batch, steps=300, lr=1e-2)
-    accuracy = (out.logits.argmax(-1)[real] == batch.labels[real]).float().mean().item()
-    assert accuracy == 1.0
-    assert float(out.loss) < 0.1 * first
-
-
-def test_same_seed_same_loss(mosi_task):
-    batch = mosi_task.splits["train"].collate([0, 1, 2, 3])
-
-    loss_with = functools.partial(seeded_loss, "baseline", mosi_task.spec, SMALL, batch)  # (seed) -> loss
-
-    assert loss_with(0) == loss_with(0)
-    assert loss_with(0) != loss_with(1)

@@ -39,7 +39,7 @@ def test_train_stage_rejects_bad_params(tmp_path, change, model, dataset, fragme
 
 
 def test_train_overrides_apply_from_general_to_specific():
-    from erc.train import configs_from_params
+    from erc.training.config import configs_from_params
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(lr=0.1, per_model={"sdt": {"lr": 0.2, "per_dataset": {"iemocap": {"lr": 0.4}}}},
@@ -52,7 +52,7 @@ def test_train_overrides_apply_from_general_to_specific():
 
 
 def test_teacher_takes_one_modality_and_the_teacher_seed():
-    from erc.train import configs_from_params
+    from erc.training.config import configs_from_params
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     (cfg,) = configs_from_params(params, "iemocap", "baseline", seeds=[7], modalities=["text"])
@@ -60,7 +60,7 @@ def test_teacher_takes_one_modality_and_the_teacher_seed():
 
 
 def test_per_dataset_model_settings():
-    from erc.train import configs_from_params
+    from erc.training.config import configs_from_params
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["models"]["sdt"]["per_dataset"] = {"meld": {"temperature": 8.0}}
@@ -75,7 +75,7 @@ def test_per_dataset_model_settings():
 
 def test_class_weights_are_a_dataset_policy_not_a_model_setting():
     from erc.errors import ErcDataError
-    from erc.train import configs_from_params
+    from erc.training.config import configs_from_params
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"]["per_dataset"] = {"iemocap": {"class_weights": "balanced"}}
@@ -93,7 +93,8 @@ def test_the_class_weight_policy_reaches_every_model_alike(tiny_emotion):
 
     from erc.errors import ErcDataError
     from erc.models import MODELS, build_model
-    from erc.train import TrainConfig, load_task
+    from erc.training.config import TrainConfig
+    from erc.training.task import load_task
     from tests.fixtures import INPUTS
 
     def spec(policy):

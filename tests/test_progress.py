@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import mlflow
 
-from erc.progress import RunProgress
+from erc.training.progress import RunProgress
 
 
 def test_not_on_a_terminal_a_long_run_prints_a_line_per_interval_and_one_at_its_end(tmp_path):

@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from erc import leaderboard, report
+from erc.evaluation import leaderboard, report
 from erc.params import project_root
-from erc.train import TrainConfig, run_all
+from erc.training.config import TrainConfig
+from erc.training.driver import run_all
 from tests.fixtures import INPUTS
 
 MODELS = {"baseline": {"hidden": 16},

@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from erc import gates as gate_stats
-from erc import robustness
 from erc.data.dialogues import IGNORE
-from erc.inference import GateOutputs, Outputs, infer
+from erc.evaluation import gates as gate_stats
+from erc.evaluation import robustness
 from erc.models import build_model
-from erc.train import seed_everything
+from erc.evaluation.inference import GateOutputs, Outputs, infer
+from erc.training.loop import seed_everything
 from tests.fixtures import EMOTIONS, MISSING_AUDIO_ROW, one_torch_thread
 
 SMALL = {

@@ -3,7 +3,6 @@ validation, the written features are the tuned encoder's (not the original's), a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +10,9 @@ import pytest
 
 from erc.data import canonical
 from erc.errors import ErcDataError
-from erc.featurize import featurize_dataset
-from erc.features import encode_texts, load_encoder
-from erc.stage1 import FinetuneConfig, finetune_and_featurize
+from erc.features.featurize import featurize_dataset
+from erc.features.text import encode_texts, load_encoder
+from erc.training.finetune import FinetuneConfig, finetune_and_featurize, finetune_dataset
 from tests.media_fixtures import tiny_text_model
 
 WORDS = [["great", "happy", "wonderful", "love"], ["awful", "sad", "terrible", "hate"]]
@@ -72,7 +71,9 @@ def test_stage1_runs_in_ray_train_from_the_featurize_params(ray_session, tmp_pat
     params = {"featurize": {"batch_size": 16, "encoders": {"tuned": {
         "model": str(path), "max_length": 16,
         "finetune": {"epochs": 2, "lr": 3e-3, "batch_size": 16, "num_workers": 1, "storage_path": str(tmp_path / "ray")}}}}}
-    lines = list(featurize_dataset("words", word_dataset(), "t.parquet", params, tmp_path / "out", progress=False))
+    # The featurize stage's own work leaves a tuned encoder to stage 1, which the stage program runs after it.
+    assert list(featurize_dataset("words", word_dataset(), "t.parquet", params, tmp_path / "out", progress=False)) == []
+    lines = list(finetune_dataset("words", word_dataset(), "t.parquet", params, tmp_path / "out"))
     assert [line.split(":")[0] for line in lines] == ["words tuned stage 1 epoch 0", "words tuned stage 1 epoch 1",
                                                       "words tuned"]
     assert canonical.load_features(tmp_path / "out", "tuned").values.shape == (96, 32)
@@ -82,7 +83,7 @@ def test_stage1_runs_in_ray_train_from_the_featurize_params(ray_session, tmp_pat
 
 def test_stage1_only_on_the_datasets_it_names_and_bad_keys(tmp_path):
     params = {"featurize": {"encoders": {"tuned": {"model": "x", "finetune": {"datasets": ["meld"]}}}}}
-    lines = list(featurize_dataset("words", word_dataset(), "t", params, tmp_path, progress=False))
+    lines = list(finetune_dataset("words", word_dataset(), "t", params, tmp_path))
     assert lines == ["words tuned: not tuned on words (finetune.datasets), skipped"]
     with pytest.raises(ErcDataError, match=r"unknown finetune key\(s\) \['rank'\]"):
         FinetuneConfig.from_params({"rank": 4})
@@ -90,10 +91,10 @@ def test_stage1_only_on_the_datasets_it_names_and_bad_keys(tmp_path):
 
 def test_speech_stage1_on_generated_clips(tmp_path):
     """A tiny wav2vec2 tuned with LoRA on two pitch classes of generated clips; its features are written for all."""
-    from erc.audio import load_audio
     from erc.data import folder_labels
     from erc.data.media import media_items
-    from erc.speech import SpeechEncoder
+    from erc.features.audio import load_audio
+    from erc.features.speech import SpeechEncoder
     from tests.media_fixtures import tiny_speech_model
     from tests.test_media_layouts import OPTIONS, make_corpus
 
@@ -129,8 +130,8 @@ def test_readme_stage1_params_are_accepted():
     import yaml
 
     from erc.data.media import LAYOUTS
-    from erc.features import TextEncoderSpec
-    from erc.speech import SpeechEncoder
+    from erc.features.speech import SpeechEncoder
+    from erc.features.text import TextEncoderSpec
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     params = yaml.safe_load(readme.split("### Stage 1")[1].split("```yaml\n")[1].split("```")[0])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from erc import stats
+from erc.evaluation import stats
 from erc.metrics import classification_metrics
 
 C = 4

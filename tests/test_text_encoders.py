@@ -11,8 +11,8 @@ import torch
 
 from erc.data import canonical
 from erc.errors import ErcDataError
-from erc.features import (TextEncoderSpec, encode_texts, feature_file, featurize_text, is_decoder_only, load_encoder,
-                          pool, prompts)
+from erc.features.text import (TextEncoderSpec, encode_texts, feature_file, featurize_text, is_decoder_only,
+                               load_encoder, pool, prompts)
 from tests.media_fixtures import tiny_text_model
 
 TEXTS = ["hi", "what a wonderful day it has been for all of us", "no", "I am so angry at you right now", "okay then"]

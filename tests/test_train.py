@@ -15,7 +15,10 @@ import pytest
 
 from erc.data import canonical
 from erc.metrics import classification_metrics
-from erc.train import TrainConfig, load_checkpoint, load_task, predict, run
+from erc.models.checkpoint import load_checkpoint
+from erc.training.config import TrainConfig
+from erc.training.driver import run
+from erc.training.task import load_task, predict
 from tests.fixtures import INPUTS
 
 TAGS = ("model", "dataset", "features", "seed", "git_commit", "data_sha256")
@@ -205,7 +208,7 @@ def test_failed_run_is_marked_failed(tiny_emotion, store, tmp_path):
 def test_seeds_of_a_stage_share_one_worker_and_match_separate_runs(ray_session, tiny_emotion, store, tmp_path):
     """The train stage's seeds run one after another in one worker group (the data loaded once); each seed
     still gets its own MLflow run, and the same numbers as when it runs alone."""
-    from erc.train import run_all
+    from erc.training.driver import run_all
 
     client = mlflow.MlflowClient(store[1])
     together = run_all([config(tiny_emotion, tmp_path, store[1], seed=seed, epochs=3, num_workers=1)
@@ -267,7 +270,7 @@ def test_a_local_ray_is_found_by_its_own_processes_beside_another_ray(ray_sessio
 
     script = (
         "import ray\n"
-        "from erc.train import init_ray\n"
+        "from erc.training.cluster import init_ray\n"
         "init_ray()\n"
         "@ray.remote\n"
         "def found():\n"

@@ -24,8 +24,8 @@ import yaml
 
 from erc.errors import ErcDataError
 from erc.params import load_params
-from erc.train import configs_from_params
-from erc.tune import apply_best, search, space_for, write_best
+from erc.training.config import configs_from_params
+from erc.training.tune import apply_best, search, space_for, write_best
 from tests.fixtures import INPUTS, make_prepared
 
 ROOT = Path(__file__).resolve().parent.parent

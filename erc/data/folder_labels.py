@@ -28,6 +28,7 @@ from erc.data.media import AUDIO_SUFFIXES, VIDEO_SUFFIXES
 from erc.errors import ErcDataError
 from erc.sources import DatasetFiles
 
+
 def label_index(labels) -> dict[str, int]:
     """`{alias or name (lower-case): id}` from a list of names or `{name: [aliases]}`."""
     if isinstance(labels, dict):

@@ -10,16 +10,64 @@ Every model reads the same outputs the same way: `probabilities(out)` gives the 
 probabilities, and `gates(model, batch, out)` the weights of each of its gates or routers over named experts
 (or modalities) as `Gates`; a model with gates says so with a `gates(batch, out)` method, a model without has
 none. A missing modality is the batch's `modality_mask` set False; each model documents what it does then.
+
+Adding a model is one file here, one line in `REGISTRY`, a `models.<name>` entry in params.yaml and its search
+space (`tune.space.<name>`); docs/models.md says how.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
 import torch
 
-MODELS: dict[str, type] = {}
+# The registry, one line per model: its name (params' `models.<name>`, `pipeline.models`) -> the module that defines
+# it with `@register(name)`. A model's module is imported when the model is first asked for, so a stage that trains
+# one model imports that model's file alone (and DVC reruns it when that file changes, not when another does).
+REGISTRY = {
+    "baseline": "erc.models.baseline",
+    "mister_e": "erc.models.mister_e",
+    "mmolre": "erc.models.mmolre",
+    "mmolre_context": "erc.models.mmolre_context",
+    "sdt": "erc.models.sdt",
+    "summer": "erc.models.summer",
+}
+
+
+class Registry(MutableMapping):
+    """Model name -> class; the module of `REGISTRY` is imported on first use. A class registered from a module of
+    its own (`@register` in a user's package, once imported) is found too."""
+
+    def __init__(self):
+        self._classes: dict[str, type] = {}
+
+    def __getitem__(self, name: str) -> type:
+        if name not in self._classes and name in REGISTRY:
+            importlib.import_module(REGISTRY[name])
+            if name not in self._classes:
+                raise ImportError(f"{REGISTRY[name]} defines no model registered as {name!r} (@register({name!r}))")
+        return self._classes[name]
+
+    def __setitem__(self, name: str, cls: type) -> None:
+        self._classes[name] = cls
+
+    def __delitem__(self, name: str) -> None:
+        del self._classes[name]
+
+    def __contains__(self, name) -> bool:
+        return name in REGISTRY or name in self._classes
+
+    def __iter__(self):
+        return iter(sorted({*REGISTRY, *self._classes}))
+
+    def __len__(self) -> int:
+        return len({*REGISTRY, *self._classes})
+
+
+MODELS = Registry()
 
 
 @dataclass
@@ -91,17 +139,22 @@ def build_model(name: str, spec: ModelSpec, overrides: dict | None = None) -> to
     return cls(cls.Config(**(overrides or {})), spec)
 
 
-def _register_all() -> None:
-    """Import every model module in this package, so that its @register runs (one file per model)."""
-    import importlib
-    import pkgutil
+ADDING = """## Adding a model
 
-    for module in pkgutil.iter_modules(__path__):
-        if module.name != "blocks" and not module.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{module.name}")
-
-
-_register_all()
+1. One file, `erc/models/<name>.py`: a config dataclass on top (its defaults the paper's), then the model, an
+   `nn.Module` built as `Model(config, spec)` whose `forward(batch)` returns a `ModelOutput` (per-utterance logits,
+   a score where `spec.has_score`, and named loss terms), registered with `@register("<name>")`. Shared blocks and
+   losses are in `erc/models/blocks.py`; the module's docstring says what follows the paper and the official code
+   and every choice made (it becomes this page).
+2. One line in `REGISTRY` (`erc/models/__init__.py`): `"<name>": "erc.models.<name>"`.
+3. Its params: `models.<name>` (the widths to train at), its search space `tune.space.<name>` (its own loss weights;
+   `tune.space.all` covers learning rate and dropout), and `<name>` in `pipeline.models`. `dvc repro` then searches
+   and trains it alone (its train and tune stages depend on its own file, not on the other models'), and the
+   leaderboard ranks it.
+4. Its tiny config in `tests/test_model_contract.py` (`TINY`, `LEARNS`) and its stored outputs
+   (`python -m tests.test_model_contract`): the contract every model meets. Its own test file keeps what is
+   specific to its paper. `tests/test_adding_a_model.py` does steps 1 to 3 with a toy model in a copy of the
+   project and runs it through the train stage and the leaderboard."""
 
 
 def models_markdown() -> str:
@@ -112,7 +165,7 @@ def models_markdown() -> str:
 
     parts = ["# The models", "",
              "Generated from the model files' docstrings by `python -m erc.models > docs/models.md`; edit those,",
-             "not this file.", ""]
+             "not this file.", "", ADDING, ""]
     for name in sorted(MODELS):
         cls = MODELS[name]
         doc = inspect.cleandoc(sys.modules[cls.__module__].__doc__ or "")

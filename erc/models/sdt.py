@@ -31,11 +31,12 @@ Follows the official code
   fused head's.
 - KL: kl_div(log_softmax(z_m/T), softmax(z_fused/T)) summed over classes and averaged over all real utterances
   (the official utterance mask: labelled or not); no T² factor by default (`kl_t_squared=False`).
-- Class-weighted CE is the weighted mean Σ w_y·nll / Σ w_y (the official weighted NLL). IEMOCAP_CLASS_WEIGHTS
-  below are the official 1/[0.086747, 0.144406, 0.227883, 0.160585, 0.127711, 0.252668], in the COSMIC label
+- Class-weighted CE is the weighted mean Σ w_y·nll / Σ w_y (the official weighted NLL). The official
+  IEMOCAP weights are 1/[0.086747, 0.144406, 0.227883, 0.160585, 0.127711, 0.252668], in the COSMIC label
   order hap, sad, neu, ang, exc, fru, which is erc's IEMOCAP order too. erc's class weights are a dataset's
-  policy for every model alike (none by default); these are the named policy `sdt_iemocap`, for the variant that
-  reproduces the official setting (the model uses spec.class_weights whenever given). MELD is unweighted.
+  policy for every model alike (none by default); those are the named policy `sdt_iemocap`
+  (erc.training.config.CLASS_WEIGHTS), for the variant that reproduces the official setting (the model uses
+  spec.class_weights whenever given). MELD is unweighted.
 - Defaults: temperature 1 (official IEMOCAP; the official MELD runs use 8), `max_speakers` 9 (the official
   MELD speaker count; IEMOCAP has 2). Official training (not part of this file): Adam, weight decay 1e-5;
   IEMOCAP lr 1e-4, batch 16, 150 epochs; MELD lr 5e-6, batch 8, 50 epochs.
@@ -90,9 +91,6 @@ from erc.data.dialogues import IGNORE, Batch
 from erc.models import Gates, ModelOutput, ModelSpec, register
 from erc.models.blocks import (AttentionBlock, Dropout, MaskedConv1d, Packing, cross_entropy, kl_distill, score_l1,
                                sinusoidal_positions)
-
-# Official IEMOCAP class weights: 1 / class frequency, labels hap, sad, neu, ang, exc, fru (erc's IEMOCAP order).
-IEMOCAP_CLASS_WEIGHTS = [1 / 0.086747, 1 / 0.144406, 1 / 0.227883, 1 / 0.160585, 1 / 0.127711, 1 / 0.252668]
 
 
 @dataclass

@@ -58,7 +58,7 @@ Choices where neither says
 - Missing modality for an utterance: its projected features are zero (like the baseline); attention masks cover
   padding only, so a dialogue whose audio is missing on some turns still attends over all of its turns.
 - IKD teacher: the registered "baseline" (a BiGRU over the text), trained on text only and saved by
-  erc.train.save_checkpoint; `teacher_checkpoint` names that directory. The teacher is a frozen submodule
+  erc.models.checkpoint.save_checkpoint; `teacher_checkpoint` names that directory. The teacher is a frozen submodule
   (requires_grad False, always in eval mode, run under no_grad on the batch restricted to "text"), so the
   student's checkpoint holds its weights; loading that checkpoint builds the teacher from the directory again
   and then overwrites it with the saved weights (so the directory must still exist when loading). Its input
@@ -99,6 +99,7 @@ from erc.data.dialogues import IGNORE, Batch
 from erc.models import Gates, ModelOutput, ModelSpec, register
 from erc.models.blocks import (AttentionBlock, cross_entropy, kl_distill, load_balance, score_l1, sinusoidal_positions,
                                top_k_gates)
+from erc.models.checkpoint import load_checkpoint
 
 MODALITIES = ("text", "audio", "video")
 
@@ -118,7 +119,7 @@ class SummerConfig:
     max_speakers: int = 16
     score_weight: float = 1.0  # L1 regression weight where the dataset has a score
     # IKD
-    teacher_checkpoint: str | None = None  # directory written by erc.train.save_checkpoint (text-only model)
+    teacher_checkpoint: str | None = None  # directory written by erc.models.checkpoint.save_checkpoint (text-only model)
     kappa_cross: float = 1.0  # kappa1: latent KD
     kappa_align: float = 1.0  # kappa2: logit KL
     kappa_smooth: float = 1.0  # kappa3: teacher-derived label smoothing
@@ -222,8 +223,6 @@ def text_only(batch: Batch) -> Batch:
 
 
 def load_teacher(directory: str, text_dim: int, num_classes: int) -> nn.Module:
-    from erc.train import load_checkpoint  # erc.train imports erc.models: import here, not at module level
-
     teacher, info = load_checkpoint(directory)
     dims = info["spec"]["input_dims"]
     if dims != {"text": text_dim}:

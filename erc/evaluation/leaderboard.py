@@ -2,7 +2,7 @@
 
 Per (dataset, variant, model, features): the mean and sample std over seeds, a 95% bootstrap interval of test
 weighted F1 over seeds and test dialogues, paired tests against the dataset's baseline and best model (approximate
-randomisation over test dialogues, Holm-corrected within the dataset; see erc.stats), the runs' own efficiency
+randomisation over test dialogues, Holm-corrected within the dataset; see erc.evaluation.stats), the runs' own efficiency
 figures, and flags for inputs learnt with labels or flagged by the leakage probe.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from erc import stats
 from erc.errors import ErcDataError
+from erc.evaluation import stats
 
 GROUP = ["dataset", "variant", "model", "features"]
 HEADLINE = ["wf1", "acc", "macro_f1"]

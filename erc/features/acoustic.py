@@ -7,7 +7,7 @@
   fraction and voicing probability, and RMS energy in dB.
 
 Every extractor has `names` (one per dimension) and maps a waveform to a float32 vector of `len(names)`.
-Both pickle as their settings, so `erc.featurize` can run them in worker processes (`featurize.workers`).
+Both pickle as their settings, so `erc.features.featurize` can run them in worker processes (`featurize.workers`).
 
 A row's numbers must not depend on where it was computed: BLAS kernels sum in another order with another thread
 count (OpenBLAS's Haswell kernels do; 62 of 1,068 librosa values moved by 2e-7 between 1 and 2 workers). So
@@ -24,7 +24,7 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
-from erc.audio import SAMPLE_RATE, MediaError, load_audio
+from erc.features.audio import SAMPLE_RATE, MediaError, load_audio
 
 
 @dataclass

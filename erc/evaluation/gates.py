@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from erc.data.dialogues import IGNORE
-from erc.inference import GateOutputs, Outputs
+from erc.evaluation.inference import GateOutputs, Outputs
 
 
 def load(g: GateOutputs) -> np.ndarray:

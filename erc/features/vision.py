@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from erc.audio import MediaError
-from erc.features import device_of, dtype_of, resolve_encoder
+from erc.features.audio import MediaError
+from erc.features.text import device_of, dtype_of, resolve_encoder
 
 
 def sample_frames(path, count: int) -> list[np.ndarray]:

@@ -1,6 +1,8 @@
-"""Params and inputs checked in the driver, before Ray or MLflow start.
+"""A training run's configuration, built from params and checked in the driver, before Ray or MLflow start.
 
-One schema: the config dataclasses' own field types (`erc.train.TrainConfig`, each model's `Config`), with the
+`TrainConfig` is everything one run needs (plain values, so it travels to Ray workers as is);
+`configs_from_params` builds one per seed from params.yaml's `train`, `inputs.<dataset>` and `models.<model>`.
+One schema checks them: the config dataclasses' own field types (`TrainConfig`, each model's `Config`), with the
 ranges and choices below, validated by pydantic (values given as text, `--set train.lr=1e-3`, are converted).
 Every problem is one line, `<file>: <key>: <problem>`: a configuration error stops the stage at once and never
 reaches a Ray worker, where it would be retried as a lost worker and leave a FAILED run behind.
@@ -11,13 +13,119 @@ from __future__ import annotations
 import dataclasses
 import functools
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from erc.data.dialogues import IGNORE
 from erc.errors import ErcDataError
+from erc.models import MODELS
+from erc.models.checkpoint import MODEL_FILES
 from erc.schema import check
+
+SELECT = "val_wf1"  # model selection: validation weighted F1, nothing else
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; plain values only, so it travels to Ray workers as is."""
+
+    dataset: str
+    prepared: str  # prepared dataset directory
+    inputs: dict  # modality -> feature set name
+    model: str = "baseline"
+    model_config: dict = field(default_factory=dict)
+    feature_dirs: list = field(default_factory=list)  # extra directories holding computed feature sets
+    seed: int = 0
+    epochs: int = 30
+    patience: int = 8  # epochs without validation improvement before stopping
+    batch_size: int = 16  # dialogues per optimizer step, over all workers together
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    class_weights: str | list = "none"  # the dataset's policy, alike for every model: none | balanced | a CLASS_WEIGHTS name
+    grad_accum_steps: int = 1  # micro-batches per worker per optimizer step
+    num_workers: int = 0  # 0: Ray Train's local mode, the loop in this process; N: a worker group of N
+    cpus_per_worker: float | None = None  # None: the machine's CPUs shared evenly
+    use_gpu: bool = False  # one GPU per worker
+    placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD, STRICT_SPREAD, STRICT_PACK
+    backend: str = "auto"  # ddp | deepspeed | auto (DeepSpeed on GPUs, DDP on CPU)
+    precision: str = "auto"  # fp32 | bf16 | fp16 (deepspeed only) | auto (bf16 on GPUs, fp32 on CPU)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage (0-2: optimizer state and gradients partitioned)
+    offload_optimizer: bool = False  # DeepSpeed: optimizer state in CPU memory (uses DeepSpeed's CPU Adam)
+    max_failures: int = 2  # worker-group restarts from the latest checkpoint before the run fails
+    checkpoint_every: int = 5  # epochs between checkpoints (and one at each seed's end): at most this many redone
+    storage_path: str = "ray_results"  # checkpoints; a shared path or s3://... URI on a cluster
+    experiment: str = "erc"
+    tracking_uri: str | None = None
+    run_id: str | None = None  # the MLflow run the workers log epochs into
+
+    @property
+    def features_tag(self) -> str:
+        return "+".join(f"{m}:{n}" for m, n in sorted(self.inputs.items()))
+
+
+# Named class weights, for the variants that reproduce a paper's setting (never a model's default).
+CLASS_WEIGHTS = {
+    # the official SDT code's IEMOCAP weights, 1 / class frequency, in erc's label order hap, sad, neu, ang, exc, fru
+    "sdt_iemocap": {"labels": ["hap", "sad", "neu", "ang", "exc", "fru"], "weights": [1 / 0.086747, 1 / 0.144406, 1 / 0.227883, 1 / 0.160585, 1 / 0.127711, 1 / 0.252668]},
+}
+
+def class_weights_for(policy, labels: list[str], train_labels: np.ndarray, source: str) -> list[float] | None:
+    """The loss's class weights under a dataset's policy: `none`, `balanced` (n / (C x count) over the training
+    split's labelled utterances, as scikit-learn's), a CLASS_WEIGHTS name, or an explicit list."""
+    if policy in (None, "none"):
+        return None
+    if policy == "balanced":
+        counts = np.bincount(train_labels[train_labels != IGNORE], minlength=len(labels)).astype(np.float64)
+        return (counts.sum() / (len(labels) * np.maximum(counts, 1))).tolist()
+    if isinstance(policy, str):
+        if policy not in CLASS_WEIGHTS:
+            raise ErcDataError(source, f"class_weights {policy!r}: not none, balanced or one of {sorted(CLASS_WEIGHTS)}")
+        named = CLASS_WEIGHTS[policy]
+        if list(named["labels"]) != list(labels):
+            raise ErcDataError(source, f"class_weights {policy!r} are for labels {named['labels']}, not {labels}")
+        return list(named["weights"])
+    if len(policy) != len(labels):
+        raise ErcDataError(source, f"class_weights has {len(policy)} values for {len(labels)} labels {labels}")
+    return [float(w) for w in policy]
+
+def configs_from_params(params: dict, dataset: str, model: str, *, source="params.yaml", seeds=None,
+                        modalities=None, model_overrides: dict | None = None) -> list[TrainConfig]:
+    """One TrainConfig per seed from params.yaml's `train`, `inputs.<dataset>` and `models.<model>` sections.
+
+    Train settings apply in order: `train`, `train.per_model.<model>`, `train.per_dataset.<dataset>`,
+    `train.per_model.<model>.per_dataset.<dataset>`; the model's config is `models.<model>` updated with
+    `models.<model>.per_dataset.<dataset>` (a paper's per-dataset values). `class_weights` is a dataset's policy,
+    the same for every model, so it may be set in `train` and `train.per_dataset` only. `modalities` keeps a
+    subset of the dataset's inputs (a unimodal teacher); `model_overrides` adds config keys that the pipeline
+    decides (a teacher checkpoint).
+    """
+    if model not in MODELS:
+        raise ErcDataError(source, f"unknown model {model!r}; registered: {sorted(MODELS)}")
+    if dataset not in params.get("inputs", {}):
+        raise ErcDataError(source, f"no inputs.{dataset} entry (which feature set feeds which modality)")
+    inputs = inputs_of(params, dataset, source=source)
+    if modalities is not None:
+        missing = set(modalities) - set(inputs)
+        if missing:
+            raise ErcDataError(source, f"inputs.{dataset} has no {sorted(missing)} modality")
+        inputs = {m: inputs[m] for m in modalities}
+    shared = train_settings(params, dataset, model, source=source)  # typed and range-checked
+    model_params = dict(params.get("models", {}).get(model) or {})
+    model_dataset = (model_params.pop("per_dataset", None) or {}).get(dataset) or {}  # a paper's per-dataset values
+    model_config = model_settings(model, {**model_params, **model_dataset, **(model_overrides or {})},
+                                         source=source)
+    data = params.get("data_dir", "data")  # a shared path on a cluster, so that every node sees it
+    if not isinstance(data, str) or not data:
+        raise ErcDataError(source, f"data_dir: a folder expected, got {data!r}")
+    return [TrainConfig(dataset=dataset, prepared=f"{data}/prepared/{dataset}",
+                        feature_dirs=[f"{data}/features/{dataset}"], inputs=inputs, model=model,
+                        model_config=model_config, seed=seed, **shared)
+            for seed in (seeds if seeds is not None else seeds_of(params, source=source))]
+
 
 # TrainConfig fields that params do not set (the pipeline fills them in).
 NOT_PARAMS = {"dataset", "prepared", "inputs", "model", "model_config", "feature_dirs", "seed", "tracking_uri", "run_id"}
@@ -40,7 +148,6 @@ MODEL_RANGES = [
     (lambda n: "temperature" in n, {"gt": 0}),
     (lambda n: n.endswith("weight") or n.startswith(("kappa", "gamma")), {"ge": 0}),
 ]
-CHECKPOINT_FILES = ("model.json", "model.pt")  # what erc.train.load_checkpoint reads
 
 
 def schema_of(cls, *, skip=(), ranges=None, choices=None) -> type[BaseModel]:
@@ -58,15 +165,11 @@ def schema_of(cls, *, skip=(), ranges=None, choices=None) -> type[BaseModel]:
 
 @functools.cache
 def train_schema() -> type[BaseModel]:
-    from erc.train import TrainConfig
-
     return schema_of(TrainConfig, skip=NOT_PARAMS, ranges=lambda n: TRAIN_RANGES.get(n, {}), choices=TRAIN_CHOICES)
 
 
 @functools.cache
 def model_schema(model: str) -> type[BaseModel]:
-    from erc.models import MODELS
-
     def ranges(name):
         return next((r for match, r in MODEL_RANGES if match(name)), {})
 
@@ -103,10 +206,8 @@ def train_settings(params: dict, dataset: str, model: str, *, source) -> dict:
 
 
 def check_class_weights(policy, *, source, key: str) -> None:
-    """none, balanced, a named policy of erc.train.CLASS_WEIGHTS, or a list of positive weights (whether a name or
+    """none, balanced, a named policy of CLASS_WEIGHTS, or a list of positive weights (whether a name or
     a list fits the dataset's labels is checked where the labels are read)."""
-    from erc.train import CLASS_WEIGHTS
-
     if isinstance(policy, str):
         if policy not in ("none", "balanced", *CLASS_WEIGHTS):
             raise ErcDataError(source, f"{key}: {policy!r} is not none, balanced or one of {sorted(CLASS_WEIGHTS)}")
@@ -143,7 +244,7 @@ class TeacherParams(_Section):
 
 
 class TuneParams(_Section):
-    """`tune`: a Ray Tune search (the space itself is checked by erc.tune.space_for)."""
+    """`tune`: a Ray Tune search (the space itself is checked by erc.training.tune.space_for)."""
 
     trials: int = Field(20, ge=1)
     epochs: Annotated[int, Field(ge=1)] | None = None  # a trial's most epochs (None: train.epochs)
@@ -157,8 +258,6 @@ class TuneParams(_Section):
 
 
 def teacher_settings(params: dict, *, source) -> TeacherParams:
-    from erc.models import MODELS
-
     teacher = check(TeacherParams, params.get("teacher") or {}, source=source, prefix="teacher")
     if teacher.model not in MODELS:
         raise ErcDataError(source, f"teacher.model: unknown model {teacher.model!r}; registered: {sorted(MODELS)}")
@@ -171,8 +270,6 @@ def tune_settings(params: dict, *, source) -> TuneParams:
 
 def needs_teacher(model: str) -> bool:
     """A distilled model: it learns from a frozen teacher's checkpoint (SUMMER)."""
-    from erc.models import MODELS
-
     return model in MODELS and any(f.name == "teacher_checkpoint" for f in dataclasses.fields(MODELS[model].Config))
 
 
@@ -192,7 +289,7 @@ def check_inputs(cfg) -> None:
     Each problem names the missing path first, then the param or option that leads to it."""
     teacher = cfg.model_config.get("teacher_checkpoint")
     if teacher:
-        missing = [name for name in CHECKPOINT_FILES if not (Path(teacher) / name).is_file()]
+        missing = [name for name in MODEL_FILES if not (Path(teacher) / name).is_file()]
         if missing:
             raise ErcDataError(teacher, f"--teacher: not a teacher checkpoint ({', '.join(missing)} missing): the "
                                         f"teacher stage writes runs/teacher/{cfg.dataset}")
@@ -206,10 +303,3 @@ def check_inputs(cfg) -> None:
         if not any((folder / f"{name}.json").is_file() for folder in folders):
             raise ErcDataError(folders[-1], f"inputs.{cfg.dataset}.{modality}: no feature set {name!r} here or in "
                                             f"{folders[0]}: run `dvc repro featurize@{cfg.dataset}`")
-
-
-def leakage_max_gap(params: dict, *, source) -> float:
-    """`leakage.max_gap`: how far (points of weighted F1) validation may lie above test before the probe warns."""
-    gap = check(Annotated[float, Field(ge=0)], (params.get("leakage") or {}).get("max_gap", 10.0), source=source,
-                prefix="leakage.max_gap")
-    return float(gap)

@@ -8,7 +8,7 @@ The conversation is a CSV or JSONL file, one utterance per row in turn order: `s
 optionally precomputed features per modality, `<modality>_features` (a list of numbers; in a CSV cell a JSON
 list or numbers separated by spaces) or `<modality>_path` (a .npy file holding the vector), e.g.
 `audio_features`. An optional `dialogue_id` column holds several conversations. Text is featurized with the
-encoder recorded with the model's feature set (`erc.features`); a modality the file does not give, or a row
+encoder recorded with the model's feature set (`erc.features.text`); a modality the file does not give, or a row
 with an empty cell, is missing for the model: its modality mask is False, the model's own missing-modality
 path. Every logged erc model carries its feature-set names, their dims and encoders, and its label names
 (`erc.tracking.MODEL_INFO`), and its feature standardisation in the checkpoint.
@@ -17,97 +17,15 @@ path. Every logged erc model carries its feature-set names, their dims and encod
 from __future__ import annotations
 
 import json
-import os
-import re
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from erc.data.dialogues import IGNORE, Dialogue, DialogueData
 from erc.errors import ErcDataError
-from erc.inference import Outputs, infer
-
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    info: dict  # tracking.MODEL_INFO: labels, inputs, feature sets
-    stats: dict  # feature set -> (mean, std) of the training split
-    source: str  # how it was found, for messages
-
-
-# ---------------------------------------------------------------- finding and loading the model
-
-
-def _logged_model(client, model_id: str, source: str) -> str:
-    try:
-        return client.get_logged_model(model_id).artifact_location
-    except Exception:
-        raise ErcDataError(source, f"logged model {model_id} not found in the tracking store") from None
-
-
-def model_location(client, ref: str) -> tuple[str, str]:
-    """(artifact URI, description) of a run id, models:/<model id>, or a registered name[/version | @alias]
-    (with or without models:/; a name alone is its latest version)."""
-    ref = ref.strip()
-    target = ref[len("models:/"):] if ref.startswith("models:/") else ref
-    if RUN_ID.match(target):
-        try:
-            run = client.get_run(target)
-        except Exception:
-            raise ErcDataError(f"mlflow run {target}", "not found in the tracking store") from None
-        outputs = run.outputs.model_outputs if run.outputs else []
-        if not outputs:
-            raise ErcDataError(f"mlflow run {target}", "has no logged model (trained before erc logged models?)")
-        return _logged_model(client, outputs[-1].model_id, f"mlflow run {target}"), f"run {target}"
-    if target.startswith("m-"):
-        return _logged_model(client, target, f"model {ref}"), f"logged model {target}"
-    name, alias, version = target, None, None
-    if "@" in target:
-        name, alias = target.split("@", 1)
-    elif "/" in target:
-        name, version = target.rsplit("/", 1)
-    try:
-        if alias:
-            mv = client.get_model_version_by_alias(name, alias)
-        elif version:
-            mv = client.get_model_version(name, version)
-        else:
-            mv = max(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
-    except Exception:
-        raise ErcDataError(f"registered model {ref}", "not found in the model registry") from None
-    return client.get_model_version_download_uri(name, mv.version), f"{name} version {mv.version}"
-
-
-def load_model(ref: str, tracking_uri: str | None = None) -> LoadedModel:
-    """The model named by `ref` (see `model_location`), its prediction info and feature statistics."""
-    import mlflow
-
-    from erc import tracking
-    from erc.train import load_checkpoint
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri = tracking_uri or tracking.tracking_uri()
-    location, source = model_location(mlflow.MlflowClient(uri), ref)
-    with tempfile.TemporaryDirectory(prefix="erc-model-") as download:
-        tmp = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=download, tracking_uri=uri))
-        info_path = tmp / tracking.MODEL_INFO
-        if not info_path.is_file():
-            raise ErcDataError(source, f"has no {tracking.MODEL_INFO}: not an erc model")
-        info = json.loads(info_path.read_text())
-        # A distilling model's teacher travels with it; the weights of both are in model.pt (weights only).
-        overrides = {"teacher_checkpoint": str(tmp / "teacher")} if (tmp / "teacher").is_dir() else None
-        model, _ = load_checkpoint(tmp, overrides)
-        state = torch.load(tmp / "model.pt", map_location="cpu", weights_only=True)
-    stats = {name: (s["mean"].numpy(), s["std"].numpy()) for name, s in state["feature_stats"].items()}
-    return LoadedModel(model.eval(), info, stats, source)
-
+from erc.models.checkpoint import LoadedModel, load_model
+from erc.evaluation.inference import Outputs, infer
 
 # ---------------------------------------------------------------- reading the conversation
 
@@ -194,8 +112,8 @@ def modality_features(table: pd.DataFrame, path, loaded: LoadedModel, *, encoder
 
 
 def encode_text(texts: list[str], feature_set: dict, encoder=None) -> np.ndarray:
-    """Texts -> vectors with the feature set's recorded encoder (`erc.features`); `encoder` = (tokenizer, model)."""
-    from erc.features import encode_texts, load_encoder
+    """Texts -> vectors with the feature set's recorded encoder (`erc.features.text`); `encoder` = (tokenizer, model)."""
+    from erc.features.text import encode_texts, load_encoder
 
     tokenizer, model = encoder or load_encoder(feature_set["model"])
     values, _ = encode_texts(texts, tokenizer, model, max_length=feature_set.get("max_length", 128),

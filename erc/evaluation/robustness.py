@@ -1,7 +1,7 @@
 """Missing-modality robustness: a trained model evaluated again with each of its modalities removed.
 
 A modality is removed through the model's own missing-modality path (the batch's modality mask, see
-`erc.inference.remove`), never by feeding zeros as if they were data. The figure is the drop in test weighted
+`erc.evaluation.inference.remove`), never by feeding zeros as if they were data. The figure is the drop in test weighted
 F1 (percentage points) against the same model with every modality present.
 """
 
@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from erc.data.dialogues import IGNORE, DialogueData
-from erc.inference import Outputs, infer
 from erc.metrics import classification_metrics
+from erc.evaluation.inference import Outputs, infer
 
 
 def weighted_f1(outputs: Outputs, labels: list[str]) -> float:

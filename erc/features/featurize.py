@@ -3,7 +3,7 @@
 Text sets (`featurize.encoders`) come from the prepared table's text; audio sets (`featurize.acoustic`:
 openSMILE and librosa; `featurize.speech`: transformers speech encoders) come from the media that
 `featurize.media.<dataset>` places (`erc.data.media`). Each set is streamed into `<out>/<name>.npy`
-(`erc.features.feature_file`); the caller writes `out` atomically.
+(`erc.features.text.feature_file`); the caller writes `out` atomically.
 
 A bad media file stops the stage with one line naming it (`on_bad_media: error`, the default), or
 (`on_bad_media: mask`) its row is zeros, marked absent in `<name>.present.npy` like any missing modality,
@@ -23,14 +23,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from erc.acoustic import EXTRACTORS, extract_in_pool, extract_item, start_pool_worker
-from erc.audio import MediaError, load_audio
 from erc.data.canonical import Prepared
 from erc.data.media import media_items
 from erc.errors import ErcDataError
-from erc.features import TextEncoderSpec, feature_file, featurize_text
+from erc.features.acoustic import EXTRACTORS, extract_in_pool, extract_item, start_pool_worker
+from erc.features.audio import load_audio
+from erc.features.speech import SpeechEncoder
+from erc.features.text import TextEncoderSpec, feature_file, featurize_text
 from erc.sources import DatasetFiles
-from erc.speech import SpeechEncoder
 
 
 def audio_extractors(params: dict, wanted: list[str] | None, *, source="params.yaml") -> dict:
@@ -43,7 +43,7 @@ def audio_extractors(params: dict, wanted: list[str] | None, *, source="params.y
     out = {}
     for name, (family, spec) in specs.items():
         if (wanted is not None and name not in wanted) or spec.get("finetune") is not None:
-            continue  # a tuned speech encoder is stage 1's (finetune_speech)
+            continue  # a tuned speech encoder is stage 1's (erc.training.finetune)
         spec = dict(spec)
         try:
             if family == "acoustic":
@@ -145,50 +145,6 @@ def featurize_media(items, extractors: dict, directory, *, source: list[str], on
     return figures
 
 
-def finetune_text(dataset: str, prepared: Prepared, table_source: str, name: str, spec: TextEncoderSpec, out, *,
-                  source="params.yaml"):
-    """Stage 1 for one text encoder on one dataset (erc.stage1); yields the terminal lines."""
-    from erc.features import prompts
-    from erc.stage1 import FinetuneConfig, finetune_and_featurize
-
-    cfg = FinetuneConfig.from_params(spec.finetune, source=source)
-    if cfg.datasets is not None and dataset not in cfg.datasets:
-        yield f"{dataset} {name}: not tuned on {dataset} (finetune.datasets), skipped"
-        return
-    target = prepared.meta["target"]
-    info = {k: v for k, v in vars(spec).items() if v is not None}
-    record = finetune_and_featurize(prepared.table, prepared.table[f"{target}_id"].to_numpy(),
-                                    prepared.meta[f"{target}_labels"], out, name, model=spec.model, cfg=cfg,
-                                    source=[table_source], info=info,
-                                    texts=prompts(prepared.table, spec.template, spec.context_turns),
-                                    pooling=spec.pooling, max_length=spec.max_length)
-    yield from stage1_lines(dataset, name, record)
-
-
-def finetune_speech(dataset: str, prepared: Prepared, items, name: str, spec: dict, out, *, source="params.yaml"):
-    """Stage 1 for one speech encoder on one dataset (erc.stage1); yields the terminal lines."""
-    from erc.stage1 import FinetuneConfig, finetune_and_featurize
-
-    cfg = FinetuneConfig.from_params(spec["finetune"], source=source)
-    if cfg.datasets is not None and dataset not in cfg.datasets:
-        yield f"{dataset} {name}: not tuned on {dataset} (finetune.datasets), skipped"
-        return
-    target = prepared.meta["target"]
-    record = finetune_and_featurize(prepared.table, prepared.table[f"{target}_id"].to_numpy(),
-                                    prepared.meta[f"{target}_labels"], out, name, model=spec["model"], cfg=cfg,
-                                    source=[f"media:{name}"], info={k: v for k, v in spec.items() if v is not None},
-                                    items=items)
-    yield from stage1_lines(dataset, name, record)
-
-
-def stage1_lines(dataset: str, name: str, record: dict):
-    for r in record["history"]:
-        yield (f"{dataset} {name} stage 1 epoch {r['epoch']}: train loss {r['train_loss']:.4f}, "
-               f"val wF1 {r['val_wf1']:.2f} ({r['epoch_s']:.0f} s)")
-    yield (f"{dataset} {name}: features of the tuned encoder (epoch {record['selected_epoch']}, "
-           f"val wF1 {record['selected_val_wf1']:.2f})")
-
-
 def featurize_dataset(dataset: str, prepared: Prepared, table_source: str, params: dict, out, *,
                       source="params.yaml", progress: bool = True):
     """Write every feature set of `dataset` into `out`; yields one line per set for the terminal."""
@@ -200,8 +156,7 @@ def featurize_dataset(dataset: str, prepared: Prepared, table_source: str, param
         for name, spec in (section.get("encoders") or {}).items():
             spec = TextEncoderSpec.from_params(spec, source=source)
             if spec.finetune is not None:
-                yield from finetune_text(dataset, prepared, table_source, name, spec, out, source=source)
-                continue
+                continue  # a tuned encoder is stage 1's (erc.training.finetune)
             timing = featurize_text(table, out, name, spec, batch_size=section.get("batch_size", 64),
                                     source=[table_source], progress=progress)
             yield f"{dataset} {name}: {len(table)} utterances, {timing['utterances_per_s']:.0f} utterances/s"
@@ -223,11 +178,8 @@ def featurize_dataset(dataset: str, prepared: Prepared, table_source: str, param
                f"({figures['workers']} processes, {figures['audio_seconds_per_wall_s']:.1f} s of audio per s)")
         if figures["bad_media"]:
             yield f"{dataset}: {figures['bad_media']} bad media files masked (first: {figures['bad_media_first'][0]})"
-    for name, spec in (section.get("speech") or {}).items():
-        if spec.get("finetune") is not None and (media.get("sets") is None or name in media["sets"]):
-            yield from finetune_speech(dataset, prepared, items, name, spec, out, source=source)
     if media.get("visual"):  # visual sets from the video's frames, by name (featurize.visual)
-        from erc.vision import FrameEncoder
+        from erc.features.vision import FrameEncoder
 
         visual = section.get("visual") or {}
         unknown = sorted(set(media["visual"]) - set(visual))

@@ -5,7 +5,7 @@ block gets its features from a copy of the encoder tuned on this dataset: LoRA a
 (LayerNorm on the pooled state, then ReLU, dropout and a linear classifier) are trained with focal loss on the
 training split only; the epoch with the best validation weighted F1 is kept; the adapters are merged into the
 encoder, which then encodes every utterance (train, valid and test) like any other encoder of its kind
-(`erc.features`, `erc.speech`). Speech clips are cropped to `crop_seconds` while tuning (MiSTER-E: 5 s);
+(`erc.features.text`, `erc.features.speech`). Speech clips are cropped to `crop_seconds` while tuning (MiSTER-E: 5 s);
 the features are of the whole clip. Test labels are never read.
 
 The training runs in Ray Train's TorchTrainer (`num_workers` workers, GPUs with `use_gpu`), each worker
@@ -26,7 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from erc.data.canonical import Prepared
+from erc.data.media import media_items
 from erc.errors import ErcDataError
+from erc.features.text import TextEncoderSpec, prompts
+from erc.sources import DatasetFiles
 
 LORA_TARGETS = {  # peft knows most models' attention projections; these are the ones it may not
     "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
@@ -82,7 +86,7 @@ class Classifier(nn.Module):
     def forward(self, inputs: dict, positions: torch.Tensor) -> torch.Tensor:
         """`inputs` for the encoder; `positions`: the (B, T) mask of its real output positions, or (B,) their
         count when the padding is at the end."""
-        from erc.features import pool
+        from erc.features.text import pool
 
         hidden = self.encoder(**inputs).last_hidden_state
         mask = positions if positions.dim() == 2 else \
@@ -91,18 +95,18 @@ class Classifier(nn.Module):
 
 
 class TextInputs:
-    """Utterance texts -> token batches; the tuned encoder's features through `erc.features.encode_texts`."""
+    """Utterance texts -> token batches; the tuned encoder's features through `erc.features.text.encode_texts`."""
 
     modality = "text"
 
     def __init__(self, config: dict, device: torch.device):
-        from erc.features import default_pooling, load_encoder
+        from erc.features.text import default_pooling, load_encoder
 
         self.config, self.device = config, device
         self.tokenizer, self.encoder = load_encoder(config["model"], dtype=config["info"].get("dtype", "auto"),
                                                     device=str(device))
         if config["info"].get("template"):
-            self.tokenizer.truncation_side = "left"  # keep the utterance at the end, as erc.features does
+            self.tokenizer.truncation_side = "left"  # keep the utterance at the end, as erc.features.text does
         self.pooling = default_pooling(self.encoder) if config["pooling"] == "auto" else config["pooling"]
         self.hidden = getattr(self.encoder.config, "hidden_size", None) or self.encoder.config.d_model
         self.ids = self.tokenizer(config["texts"], truncation=True, max_length=config["max_length"])["input_ids"]
@@ -113,7 +117,7 @@ class TextInputs:
                 padded["attention_mask"])  # the mask itself: right or left padding alike
 
     def write(self, tuned: nn.Module, out: Path, info: dict) -> None:
-        from erc.features import encode_texts, feature_file
+        from erc.features.text import encode_texts, feature_file
 
         texts = self.config["texts"]
         with feature_file(out, self.config["name"], "text", rows=len(texts), dim=self.hidden,
@@ -123,13 +127,13 @@ class TextInputs:
 
 
 class SpeechInputs:
-    """Media items -> cropped 16 kHz waveforms -> the speech encoder's inputs; features through `erc.speech`."""
+    """Media items -> cropped 16 kHz waveforms -> the speech encoder's inputs; features through `erc.features.speech`."""
 
     modality = "audio"
 
     def __init__(self, config: dict, device: torch.device):
         from erc.data.media import MediaItem
-        from erc.speech import SpeechEncoder
+        from erc.features.speech import SpeechEncoder
 
         self.config, self.device = config, device
         spec = {k: v for k, v in config["info"].items() if k in ("layer", "pooling", "chunk_seconds", "dtype")}
@@ -142,8 +146,8 @@ class SpeechInputs:
     def batch(self, rows) -> tuple[dict, torch.Tensor]:
         import math
 
-        from erc.audio import load_audio
-        from erc.speech import WHISPER_FRAMES_PER_S
+        from erc.features.audio import load_audio
+        from erc.features.speech import WHISPER_FRAMES_PER_S
 
         waves = [load_audio(self.items[i])[:self.crop] for i in rows]
         samples = torch.tensor([len(w) for w in waves])
@@ -159,7 +163,7 @@ class SpeechInputs:
                  "attention_mask": inputs["attention_mask"].to(self.device)}, lengths.to(self.device))
 
     def write(self, tuned: nn.Module, out: Path, info: dict) -> None:
-        from erc.featurize import featurize_media
+        from erc.features.featurize import featurize_media
 
         self.speech.encoder = tuned
         featurize_media(self.items, {self.config["name"]: self.speech}, out, source=self.config["source"],
@@ -190,9 +194,9 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
-    from erc.distributed import gather
     from erc.metrics import classification_metrics
     from erc.models.blocks import focal_loss
+    from erc.training.distributed import gather
 
     cfg = FinetuneConfig(**config["finetune"])
     context = ray.train.get_context()
@@ -282,8 +286,8 @@ def finetune_and_featurize(table, labels: np.ndarray, label_names: list[str], ou
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
-    from erc.features import resolve_encoder
-    from erc.train import init_ray, scaling_config
+    from erc.features.text import resolve_encoder
+    from erc.training.cluster import init_ray, scaling_config
 
     out_dir = Path(out_dir).resolve()
     config = {"finetune": asdict(cfg), "modality": "text" if items is None else "audio", "texts": list(texts or []),
@@ -306,3 +310,61 @@ def finetune_and_featurize(table, labels: np.ndarray, label_names: list[str], ou
     if result.error:
         raise result.error
     return json.loads((out_dir / f"{name}.json").read_text())["stage1"]
+
+
+def finetune_dataset(dataset: str, prepared: Prepared, table_source: str, params: dict, out, *,
+                     source="params.yaml"):
+    """Stage 1 for every encoder of `featurize` with a `finetune:` block, on one dataset, written into `out`
+    beside the featurize stage's other sets; yields the terminal lines."""
+    section = params["featurize"]
+    if prepared.table["text"].str.len().sum():
+        for name, spec in (section.get("encoders") or {}).items():
+            spec = TextEncoderSpec.from_params(spec, source=source)
+            if spec.finetune is not None:
+                yield from finetune_text(dataset, prepared, table_source, name, spec, out, source=source)
+    media = (section.get("media") or {}).get(dataset)
+    tuned = {name: spec for name, spec in (section.get("speech") or {}).items()
+             if spec.get("finetune") is not None and media is not None and (media.get("sets") is None
+                                                                              or name in media["sets"])}
+    if tuned:
+        files = DatasetFiles(params["datasets"][dataset]["files"]) if dataset in params.get("datasets", {}) else None
+        items = media_items(prepared.table, media, files, source=source)
+        for name, spec in tuned.items():
+            yield from finetune_speech(dataset, prepared, items, name, spec, out, source=source)
+
+
+def finetune_text(dataset: str, prepared: Prepared, table_source: str, name: str, spec: TextEncoderSpec, out, *,
+                  source="params.yaml"):
+    """Stage 1 for one text encoder on one dataset (erc.training.finetune); yields the terminal lines."""
+    cfg = FinetuneConfig.from_params(spec.finetune, source=source)
+    if cfg.datasets is not None and dataset not in cfg.datasets:
+        yield f"{dataset} {name}: not tuned on {dataset} (finetune.datasets), skipped"
+        return
+    target = prepared.meta["target"]
+    info = {k: v for k, v in vars(spec).items() if v is not None}
+    record = finetune_and_featurize(prepared.table, prepared.table[f"{target}_id"].to_numpy(),
+                                    prepared.meta[f"{target}_labels"], out, name, model=spec.model, cfg=cfg,
+                                    source=[table_source], info=info,
+                                    texts=prompts(prepared.table, spec.template, spec.context_turns),
+                                    pooling=spec.pooling, max_length=spec.max_length)
+    yield from stage1_lines(dataset, name, record)
+
+def finetune_speech(dataset: str, prepared: Prepared, items, name: str, spec: dict, out, *, source="params.yaml"):
+    """Stage 1 for one speech encoder on one dataset (erc.training.finetune); yields the terminal lines."""
+    cfg = FinetuneConfig.from_params(spec["finetune"], source=source)
+    if cfg.datasets is not None and dataset not in cfg.datasets:
+        yield f"{dataset} {name}: not tuned on {dataset} (finetune.datasets), skipped"
+        return
+    target = prepared.meta["target"]
+    record = finetune_and_featurize(prepared.table, prepared.table[f"{target}_id"].to_numpy(),
+                                    prepared.meta[f"{target}_labels"], out, name, model=spec["model"], cfg=cfg,
+                                    source=[f"media:{name}"], info={k: v for k, v in spec.items() if v is not None},
+                                    items=items)
+    yield from stage1_lines(dataset, name, record)
+
+def stage1_lines(dataset: str, name: str, record: dict):
+    for r in record["history"]:
+        yield (f"{dataset} {name} stage 1 epoch {r['epoch']}: train loss {r['train_loss']:.4f}, "
+               f"val wF1 {r['val_wf1']:.2f} ({r['epoch_s']:.0f} s)")
+    yield (f"{dataset} {name}: features of the tuned encoder (epoch {record['selected_epoch']}, "
+           f"val wF1 {record['selected_val_wf1']:.2f})")

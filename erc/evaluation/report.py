@@ -1,8 +1,8 @@
 """The report people open: one self-contained HTML page over the leaderboard's runs, and the same in MLflow.
 
-For every run of the leaderboard, its logged model (`erc.predict.load_model`) is evaluated again on the test
-split: with every modality (confusion matrices), with each modality removed (`erc.robustness`), and with its
-gates and routers read out (`erc.gates`). The page holds the leaderboard table (with the published numbers of
+For every run of the leaderboard, its logged model (`erc.serving.predict.load_model`) is evaluated again on the test
+split: with every modality (confusion matrices), with each modality removed (`erc.evaluation.robustness`), and with its
+gates and routers read out (`erc.evaluation.gates`). The page holds the leaderboard table (with the published numbers of
 docs/models.md beside erc's, marked with their protocol), per-class F1, the robustness table, the gate and
 router plots, confusion matrices and learning curves; every picture is embedded, so the page is one file.
 The same files go to an MLflow run, the parent of the leaderboard's runs, so that `mlflow ui` shows them together.
@@ -14,17 +14,19 @@ import base64
 import html
 import io
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from erc import gates as gate_stats
-from erc import robustness
+from erc import tracking
 from erc.errors import ErcDataError
-from erc.inference import infer
+from erc.evaluation import gates as gate_stats
+from erc.evaluation import robustness
 from erc.metrics import confusion
+from erc.evaluation.inference import infer
 
 PUBLISHED_PROTOCOL = "test-selected, seeds unknown"
 DATASET_NAMES = {"iemocap-6": "iemocap", "iemocap": "iemocap", "meld": "meld", "mosi": "mosi", "cmu-mosi": "mosi"}
@@ -71,7 +73,8 @@ class Evaluated:
 
 def held_out(info: dict, data_dir, cache: dict):
     """The test split of the model's dataset with the model's feature sets, from `data_dir` (loaded once)."""
-    from erc.train import TrainConfig, load_task
+    from erc.training.config import TrainConfig
+    from erc.training.task import load_task
 
     key = (info["dataset"], tuple(sorted(info["inputs"].items())))
     if key not in cache:
@@ -84,7 +87,7 @@ def held_out(info: dict, data_dir, cache: dict):
 
 def evaluate(runs: pd.DataFrame, data_dir, tracking_uri: str, progress=print) -> Evaluated:
     """Every run's logged model on the test split: robustness rows, gate statistics, pooled confusion matrices."""
-    from erc.predict import load_model
+    from erc.models.checkpoint import load_model
 
     robust, gate_rows, confusions, labels, cache = [], [], {}, {}, {}
     for row in runs.itertuples():
@@ -230,6 +233,38 @@ def page(*, board: pd.DataFrame, published: pd.DataFrame, classes: dict, robust_
         parts += [_image(png, caption, section) for caption, png in images.get(section, [])] or ["<p>None.</p>"]
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def write_page(out, *, board: pd.DataFrame, published: pd.DataFrame, evaluated: Evaluated, robust: pd.DataFrame,
+               curves: pd.DataFrame, runs: pd.DataFrame, leaderboard_csv, generated: str) -> None:
+    """The report folder: index.html (one self-contained page), its figures, and the tables behind them as CSV."""
+    out = Path(out)
+    (out / "figures").mkdir(parents=True)
+    images = {"gates": [], "confusion": [], "curves": []}
+    if len(evaluated.gates):
+        keys = ["dataset", "model", "gate", "expert"]
+        means = evaluated.gates.groupby(keys, sort=False).mean(numeric_only=True).reset_index()
+        means.drop(columns=["seed"]).to_csv(out / "gates.csv", index=False, float_format="%.4f")
+        for (dataset, model), part in means.groupby(["dataset", "model"], sort=True):
+            path = out / "figures" / f"gates_{dataset}_{model}.png"
+            gate_stats.plot(part, evaluated.labels[dataset], f"{dataset} {model}", path)
+            images["gates"].append((f"{dataset} {model} gates", path.read_bytes()))
+    for (dataset, model), (labels, cm) in sorted(evaluated.confusions.items()):
+        path = out / "figures" / f"confusion_{dataset}_{model}.png"
+        tracking.confusion_png(cm, labels, f"{dataset} {model}: test, all seeds", path)
+        images["confusion"].append((f"{dataset} {model} confusion", path.read_bytes()))
+    for dataset in sorted(curves["dataset"].unique()):
+        png = curves_png(curves, dataset)
+        (out / "figures" / f"curves_{dataset}.png").write_bytes(png)
+        images["curves"].append((f"{dataset} learning curves", png))
+    if len(robust):
+        robust.to_csv(out / "robustness.csv", index=False, float_format="%.4f")
+        (out / "robustness.md").write_text(robustness.to_markdown(robust))
+    published.to_csv(out / "published.csv", index=False)
+    shutil.copy2(leaderboard_csv, out / "leaderboard.csv")
+    (out / "index.html").write_text(page(
+        board=board, published=published, classes=per_class_f1(runs, evaluated.labels),
+        robust_table=robustness_display(robust), images=images, generated=generated))
 
 
 def robustness_display(table: pd.DataFrame) -> pd.DataFrame:

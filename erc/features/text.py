@@ -49,7 +49,7 @@ class TextEncoderSpec:
     template: str | None = None
     context_turns: int = 0
     device: str = "auto"  # auto: cuda when available
-    finetune: dict | None = None  # stage 1: tune on this dataset's training labels first (erc.stage1.FinetuneConfig)
+    finetune: dict | None = None  # stage 1: tune on this dataset's training labels first (erc.training.finetune.FinetuneConfig)
 
     @classmethod
     def from_params(cls, spec: dict, *, source="params.yaml") -> "TextEncoderSpec":
@@ -81,8 +81,10 @@ def dtype_of(name: str, device: torch.device) -> torch.dtype:
 
 def is_decoder_only(config) -> bool:
     """A causal LM that is not also a masked LM (BERT-likes are both) and not an encoder-decoder."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     kind = getattr(config, "model_type", "")
     return (kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES

@@ -1,9 +1,9 @@
 """Ray Tune over the train stage's own training: loss weights, learning rate, dropout; validation only.
 
 Each trial is a function that builds a `TrainConfig` from the sampled values and runs the train stage's own
-epoch loop (`erc.train.train_runs`). A single-worker trial runs it in the trial's own process (a nested worker
+epoch loop (`erc.training.loop.train_runs`). A single-worker trial runs it in the trial's own process (a nested worker
 group would cost seconds of start-up per trial and add nothing); a multi-worker trial starts a TorchTrainer
-(`erc.train.fit`) whose reports reach Tune through `TuneReportCallback`. Every epoch reaches Tune, so ASHA can
+(`erc.training.driver.fit`) whose reports reach Tune through `TuneReportCallback`. Every epoch reaches Tune, so ASHA can
 stop a poor trial after `grace_period` epochs while Optuna's TPE proposes the next. The objective is
 validation weighted F1; no trial reads the test split.
 
@@ -26,7 +26,7 @@ import yaml
 from erc.errors import ErcDataError
 from erc.io import atomic_path
 from erc.models import MODELS
-from erc.train import SELECT, TrainConfig
+from erc.training.config import SELECT, TrainConfig
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 PARENT_FILE = "mlflow_parent_run.json"  # beside Tune's experiment state: a resumed search keeps its parent run
@@ -76,7 +76,9 @@ def run_trial(sample: dict, *, base: dict, parent_run_id: str, storage: str) -> 
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from erc import tracking
-    from erc.train import TuneSession, fit, train_runs
+    from erc.training.driver import fit
+    from erc.training.loop import train_runs
+    from erc.training.sessions import TuneSession
 
     trial = tune.get_context().get_trial_id()
     cfg = apply_sample(TrainConfig(**base), sample)

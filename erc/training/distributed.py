@@ -1,6 +1,6 @@
 """How one training step is spread over Ray Train workers: DDP over gloo/NCCL, or a DeepSpeed engine.
 
-Both steppers offer the same five things to the epoch loop in `erc.train`: `module` (the bare model),
+Both steppers offer the same five things to the epoch loop in `erc.training.loop`: `module` (the bare model),
 `autocast()`, `backward(loss, sync)`, `step()`, and `save(directory)` / `load(directory)` of the state
 a restarted run needs. The DeepSpeed config is generated from `TrainConfig`, never kept as JSON.
 """

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from erc.audio import SAMPLE_RATE
-from erc.features import device_of, dtype_of, resolve_encoder
+from erc.features.audio import SAMPLE_RATE
+from erc.features.text import device_of, dtype_of, resolve_encoder
 
 WHISPER_SECONDS = 30.0  # a Whisper-type encoder reads exactly 30 s of log-mel frames
 WHISPER_FRAMES_PER_S = 50  # its output frames per second of audio
@@ -58,7 +58,7 @@ class SpeechEncoder:
     chunk_seconds: float = 20.0
     dtype: str = "auto"
     device: str = "auto"
-    finetune: dict | None = None  # stage 1: tune on the dataset's training labels first (erc.stage1.FinetuneConfig)
+    finetune: dict | None = None  # stage 1: tune on the dataset's training labels first (erc.training.finetune.FinetuneConfig)
 
     def __post_init__(self):
         from transformers import AutoConfig

@@ -5,7 +5,7 @@ Audio files (wav, flac, ogg, mp3) are read with soundfile (libsndfile); anything
 ffmpeg is needed. Everything is mixed down to mono and resampled to 16 kHz with soxr.
 
 A missing, empty (0 bytes), corrupt (undecodable), sample-less or silent file raises `MediaError`, whose
-message is one line naming the file and what is wrong; `erc.featurize` either stops on it or, with
+message is one line naming the file and what is wrong; `erc.features.featurize` either stops on it or, with
 `featurize.on_bad_media: mask`, zeroes that utterance's row, marks it absent and counts it.
 """
 

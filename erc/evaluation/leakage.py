@@ -9,10 +9,21 @@ logistic regression, weighted F1 on validation and on test; a gap above `max_gap
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
+from pydantic import Field
 
 from erc.data.canonical import FeatureSet
 from erc.metrics import classification_metrics
+from erc.schema import check
+
+
+def leakage_max_gap(params: dict, *, source) -> float:
+    """`leakage.max_gap`: how far (points of weighted F1) validation may lie above test before the probe warns."""
+    gap = check(Annotated[float, Field(ge=0)], (params.get("leakage") or {}).get("max_gap", 10.0), source=source,
+                prefix="leakage.max_gap")
+    return float(gap)
 
 
 def probe(table, fs: FeatureSet, target: str, labels: list[str], *, max_gap: float, seed: int = 0) -> dict:

@@ -1,0 +1,1 @@
+"""A trained model on new conversations (`predict`: `erc predict`)."""
