@@ -5,7 +5,7 @@
     python benchmarks/sdt_epoch.py --profile after      # torch.profiler table of one epoch (self CPU time)
     python benchmarks/sdt_epoch.py --precision bf16     # "after" under bf16 autocast (train.precision=bf16)
 
-An epoch is one training pass (AdamW, gradient clipping as erc.training.loop), one validation pass and one test pass
+An epoch is one training pass (AdamW, gradient clipping as erc.training.distributed), one validation pass and one test pass
 (inference_mode), batch 16 dialogues, hidden 1024, ff 1024, 8 heads, dropout 0.5 (SDTConfig's defaults).
 "before" is erc/models/sdt.py and blocks.py as of `--base` (read with `git show`), "after" the working tree. Both
 models start from the same weights (the "before" state dict loaded into "after") and see the same batches and seeds.
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from erc.io import write_json  # noqa: E402
 from erc.models import MODELS, build_model  # noqa: E402
 from erc.params import load_params  # noqa: E402
-from erc.training.config import configs_from_params
+from erc.training.config import configs_from_params  # noqa: E402
 from erc.training.task import load_task  # noqa: E402
 
 BASE = "acf2b0bd25e3e5a5a5f991e9b71624033584b249"  # main before the SDT speed-up (issue 9)

@@ -28,9 +28,9 @@ from erc.features.text import encode_texts, load_encoder  # noqa: E402
 from erc.io import write_json  # noqa: E402
 from erc.models import build_model  # noqa: E402
 from erc.params import load_params  # noqa: E402
-from erc.training.config import TrainConfig
+from erc.training.config import TrainConfig  # noqa: E402
 from erc.training.loop import seed_everything  # noqa: E402
-from erc.training.task import load_task
+from erc.training.task import load_task  # noqa: E402
 
 
 def featurize_throughput(dataset: str, params: dict, limit: int) -> float:

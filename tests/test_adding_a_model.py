@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from tests.fixtures import make_prepared
 from tests.import_graph import ROOT
 
-TOY_MODEL = '''"""Toy: each utterance alone through one linear layer (a test of the model contract, not a model to use)."""
+TOY_MODEL = '''"""Toy: each utterance alone through one linear layer (a test of adding a model, not a model to use)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from erc.models.blocks import cross_entropy
 @dataclass
 class ToyConfig:
     scale: float = 1.0
+    dropout: float = 0.1  # every model has one: tune.space.all searches it
 
 
 @register("toy")
@@ -42,7 +44,8 @@ class Toy(nn.Module):
     def __init__(self, config: ToyConfig, spec: ModelSpec):
         super().__init__()
         self.config, self.modalities = config, sorted(spec.input_dims)
-        self.linear = nn.Linear(sum(spec.input_dims.values()), spec.num_classes)
+        width = sum(spec.input_dims.values())
+        self.linear = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(width, spec.num_classes))
 
     def forward(self, batch: Batch) -> ModelOutput:
         x = torch.cat([batch.features[m] * batch.modality_mask[m].unsqueeze(-1) for m in self.modalities], -1)
@@ -92,5 +95,11 @@ def test_a_new_model_trains_through_the_train_stage_and_reaches_the_leaderboard(
     assert done.returncode == 0, done.stderr[-3000:]
     board = pd.read_csv(project / "reports/leaderboard.csv")
     row = board[(board["dataset"] == "tiny") & (board["model"] == "toy")].iloc[0]
-    assert row["n_seeds"] == 2 and 0 <= row["wf1_mean"] <= 100 and pd.notna(row["p_vs_baseline"])
-    assert "toy" in (project / "reports/leaderboard.md").read_text()
+    assert row["n_seeds"] == 2 and pd.notna(row["p_vs_baseline"])
+    assert row["wf1_mean"] == pytest.approx(sum(r["test_wf1"] for r in toy["runs"]) / 2)
+    assert "| toy |" in (project / "reports/leaderboard.md").read_text()
+    # the search space is the search stage's, checked against the toy's config like any model's
+    done = run(project, "-c", "import yaml; from erc.training.tune import space_for; "
+                              "print(sorted(space_for(yaml.safe_load(open('params.yaml')), 'toy')))")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[-2] == "['model.dropout', 'model.scale', 'train.lr']"

@@ -23,8 +23,8 @@ from erc.models import MODELS, ModelOutput, build_model, gates
 from erc.models.checkpoint import load_checkpoint, save_checkpoint
 from tests.fixtures import alone_and_padded, one_torch_thread, overfit, pad, seeded_loss, shortest_and_longest
 
-# Each model's tiny config, and how it learns a tiny batch: steps and learning rate of Adam, and the loss term that
-# must fall (to a tenth of its first value; dropout off there).
+# Each model's tiny config, and how it learns a tiny batch: steps and learning rate of Adam, the loss term that must
+# fall (None: the whole loss) and to what fraction of its first value (dropout off there).
 TINY = {
     "baseline": {"hidden": 16, "dropout": 0.1},
     "mister_e": {"width": 16, "attn_dim": 12, "heads": 3, "gru_layers": 2, "cross_blocks": 2, "dropout": 0.1},
@@ -35,12 +35,13 @@ TINY = {
                "local_window": 2},
 }
 LEARNS = {
-    "baseline": {"steps": 300, "lr": 1e-2, "term": "ce", "config": {"hidden": 32}},
-    "mister_e": {"steps": 60, "lr": 3e-3, "term": "focal_mix", "config": {"width": 32, "attn_dropout": 0.0}},
-    "mmolre": {"steps": 200, "lr": 1e-2, "term": None},
-    "mmolre_context": {"steps": 200, "lr": 1e-2, "term": None},
-    "sdt": {"steps": 150, "lr": 3e-3, "term": None},
-    "summer": {"steps": 150, "lr": 3e-3, "term": "ce"},
+    "baseline": {"steps": 300, "lr": 1e-2, "term": "ce", "below": 0.1, "config": {"hidden": 32}},
+    "mister_e": {"steps": 60, "lr": 3e-3, "term": "focal_mix", "below": 0.05,
+                 "config": {"width": 32, "attn_dropout": 0.0}},
+    "mmolre": {"steps": 200, "lr": 1e-2, "term": None, "below": 0.2},
+    "mmolre_context": {"steps": 200, "lr": 1e-2, "term": None, "below": 0.2},
+    "sdt": {"steps": 150, "lr": 3e-3, "term": None, "below": 0.1},
+    "summer": {"steps": 150, "lr": 3e-3, "term": "ce", "below": 0.1},
 }
 STORED = Path(__file__).with_name("model_outputs.json")
 every_model = pytest.mark.parametrize("name", sorted(TINY))
@@ -139,7 +140,7 @@ def test_learns_a_tiny_batch(tasks, name):
     real = batch.labels != IGNORE
     assert (out.logits.argmax(-1)[real] == batch.labels[real]).all()
     last = out.loss if learns["term"] is None else out.losses[learns["term"]]
-    assert float(last) < 0.1 * first
+    assert float(last) < learns["below"] * first
 
 
 @every_model

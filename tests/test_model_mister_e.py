@@ -183,4 +183,3 @@ def test_class_weights_change_the_focal_terms_only(emotion_task):
         assert abs(float(a.losses[name]) - float(b.losses[name])) > 1e-5, name
     for name in ("supcon", "kl"):
         torch.testing.assert_close(a.losses[name], b.losses[name])
-

@@ -10,7 +10,7 @@ import torch
 from erc.data.dialogues import IGNORE, Batch
 from erc.models import MODELS, ModelOutput, ModelSpec, build_model
 from erc.models.checkpoint import load_checkpoint, save_checkpoint
-from tests.fixtures import alone_and_padded, one_torch_thread
+from tests.fixtures import alone_and_padded, one_torch_thread, overfit, seeded_loss
 
 DIMS = {"text": 16, "audio": 8, "video": 6}
 CLASSES = 3
@@ -357,3 +357,21 @@ def test_latent_kd_is_zero_when_the_projection_matches_the_teacher(teacher_dir, 
 
 # ---------------------------------------------------------------- learning and seeding
 
+
+def test_learns_a_tiny_batch_with_video():
+    """The contract's tiny batch has text and audio; SUMMER's own has video too (its three-way fusion)."""
+    model = summer(spec_for(), dropout=0.0)
+    batch = collate(make_dialogues([6, 5, 7], seed=9))
+    real = batch.labels != IGNORE
+    out, first = overfit(model, batch, steps=150, lr=3e-3)
+    assert (out.logits.argmax(-1)[real] == batch.labels[real]).all()
+    assert float(out.losses["ce"]) < 0.1 * first
+
+
+def test_same_seed_same_loss_with_the_teacher(teacher_dir):
+    """With the IKD teacher's terms in the loss (the contract runs SUMMER without a teacher)."""
+    batch = collate(make_dialogues([5, 6, 4], seed=10, with_score=True))
+    config = {**SMALL, "teacher_checkpoint": teacher_dir}
+    spec = spec_for(has_score=True)
+    assert seeded_loss("summer", spec, config, batch, 0) == seeded_loss("summer", spec, config, batch, 0)
+    assert seeded_loss("summer", spec, config, batch, 0) != seeded_loss("summer", spec, config, batch, 1)

@@ -99,4 +99,3 @@ def test_class_weights_change_the_loss(emotion_task):
         a, b = weighted(batch), plain(batch)
     torch.testing.assert_close(a.logits, b.logits)
     assert abs(float(a.loss) - float(b.loss)) > 1e-4
-

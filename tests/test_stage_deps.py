@@ -54,6 +54,8 @@ def check_stage(name: str, cmd, wdir: Path, deps: list[Path], params: dict) -> l
     for dep in (d.resolve() for d in deps):
         if dep.is_file() and dep.is_relative_to(ROOT / "erc") and dep not in needed:
             problems.append(f"stage {name}: lists {dep.relative_to(ROOT)}, which its program does not import")
+        if dep.is_dir() and dep.is_relative_to(ROOT / "erc") and not any(p.is_relative_to(dep) for p in needed):
+            problems.append(f"stage {name}: lists {dep.relative_to(ROOT)}/, none of which its program imports")
     return problems
 
 
@@ -77,6 +79,7 @@ def test_the_check_names_a_stage_with_an_import_left_out(params):
     problems = check_stage(name, cmd, wdir, left_out, params)
     assert "stage train@mosi-sdt: imports erc/data/canonical.py, not in its deps" in problems
     assert "stage train@mosi-sdt: imports erc/data/dialogues.py, not in its deps" not in problems
-    stray = deps + [ROOT / "erc/evaluation/report.py"]
+    stray = deps + [ROOT / "erc/evaluation/report.py", ROOT / "erc/serving"]
     assert check_stage(name, cmd, wdir, stray, params) == [
-        "stage train@mosi-sdt: lists erc/evaluation/report.py, which its program does not import"]
+        "stage train@mosi-sdt: lists erc/evaluation/report.py, which its program does not import",
+        "stage train@mosi-sdt: lists erc/serving/, none of which its program imports"]
