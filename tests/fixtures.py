@@ -7,8 +7,9 @@ makes the label learnable, and an audio feature set with one row missing (a `pre
 
 The model tests share their common procedures here: `overfit` (train on one tiny batch), `seeded_loss` (the
 training-mode loss of a model built after seeding), `shortest_and_longest` + `alone_and_padded` (a dialogue alone
-and padded next to a longer one), `pad` (more padded positions at the end of every dialogue) and `one_torch_thread`
-(torch on one intra-op thread).
+and padded next to a longer one), `pad` (more padded positions at the end of every dialogue), `missing_audio_batch`
+(the dialogue whose utterance has no audio, and that utterance's position) and `one_torch_thread` (torch on one
+intra-op thread).
 """
 
 from __future__ import annotations
@@ -202,3 +203,11 @@ def pad(batch: Batch, extra: int, junk: float = 0.0) -> Batch:
                  {m: grow(v, False) for m, v in batch.modality_mask.items()}, grow(batch.mask, False),
                  grow(batch.speakers, 0), grow(batch.labels, IGNORE), grow(batch.sentiment, IGNORE),
                  grow(batch.score, float("nan")), grow(batch.rows, -1))
+
+
+def missing_audio_batch(data, more: int = 0) -> tuple[Batch, int]:
+    """A batch whose first dialogue holds the utterance without audio (`MISSING_AUDIO_ROW`), followed by the next
+    `more` dialogues, and that utterance's position in the first dialogue."""
+    index = next(i for i, d in enumerate(data.dialogues) if MISSING_AUDIO_ROW in d.rows)
+    batch = data.collate([(index + k) % len(data) for k in range(more + 1)])
+    return batch, int(np.flatnonzero(batch.rows[0].numpy() == MISSING_AUDIO_ROW)[0])

@@ -21,7 +21,8 @@ import torch
 from erc.data.dialogues import IGNORE
 from erc.models import MODELS, ModelOutput, build_model, gates
 from erc.models.checkpoint import load_checkpoint, save_checkpoint
-from tests.fixtures import alone_and_padded, one_torch_thread, overfit, pad, seeded_loss, shortest_and_longest
+from tests.fixtures import (alone_and_padded, missing_audio_batch, one_torch_thread, overfit, pad, seeded_loss,
+                            shortest_and_longest)
 
 # Each model's tiny config, and how it learns a tiny batch: steps and learning rate of Adam, the loss term that must
 # fall (None: the whole loss) and to what fraction of its first value (dropout off there).
@@ -113,12 +114,8 @@ def test_padding_changes_nothing(tasks, name, which):
 @every_model
 def test_a_missing_modality_does_not_matter(tasks, name):
     """The fixture's utterance without audio (modality mask False): its audio values change no output."""
-    from tests.fixtures import MISSING_AUDIO_ROW
-
     data = tasks["emotion"].splits["train"]
-    index = next(i for i, d in enumerate(data.dialogues) if MISSING_AUDIO_ROW in d.rows)
-    batch = data.collate([index])
-    pos = int(np.flatnonzero(batch.rows[0].numpy() == MISSING_AUDIO_ROW)[0])
+    batch, pos = missing_audio_batch(data)
     assert not batch.modality_mask["audio"][0, pos] and batch.modality_mask["text"][0, pos]
     model = tiny(name, tasks["emotion"])
     with torch.no_grad():

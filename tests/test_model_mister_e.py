@@ -2,13 +2,12 @@
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
 from erc.models import MODELS, ModelSpec, build_model
 from erc.training.loop import seed_everything
-from tests.fixtures import MISSING_AUDIO_ROW, one_torch_thread
+from tests.fixtures import missing_audio_batch, one_torch_thread
 
 SMALL = {"width": 16, "attn_dim": 12, "heads": 3, "gru_layers": 2, "cross_blocks": 2, "dropout": 0.1}
 SUBSETS = [("text",), ("audio",), ("text", "audio")]
@@ -110,9 +109,7 @@ def test_a_modality_matters_if_and_only_if_used(emotion_task, modalities):
 def test_missing_modality_rows_are_masked(emotion_task):
     """The utterance without audio: its audio values do not matter, and its speech view leaves SupCon."""
     data = emotion_task.splits["train"]
-    index = next(i for i, d in enumerate(data.dialogues) if MISSING_AUDIO_ROW in d.rows)
-    batch = data.collate([index, (index + 1) % len(data)])
-    pos = int(np.flatnonzero(batch.rows[0].numpy() == MISSING_AUDIO_ROW)[0])
+    batch, pos = missing_audio_batch(data, more=1)
     assert not batch.modality_mask["audio"][0, pos] and batch.modality_mask["text"][0, pos]
     model = model_of(emotion_task.spec).eval()
     with torch.no_grad():

@@ -6,7 +6,6 @@ binary sentiment + score (MOSI-like, the sentiment task alone with a regression 
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 
@@ -14,7 +13,7 @@ from erc.data.dialogues import IGNORE, Batch
 from erc.models import MODELS, ModelSpec, build_model
 from erc.models.blocks import LowRankExpert, load_balance, top_k_gates
 from erc.models.mmolre import parameter_counts
-from tests.fixtures import (MISSING_AUDIO_ROW, alone_and_padded, make_prepared, one_torch_thread, overfit, pad,
+from tests.fixtures import (alone_and_padded, make_prepared, missing_audio_batch, one_torch_thread, overfit, pad,
                             shortest_and_longest, task_of)
 
 SMALL = {"hidden": 32, "rank": 8, "num_shared": 3, "top_k": 2, "dropout": 0.1}
@@ -140,9 +139,7 @@ def test_a_modality_matters_if_and_only_if_used(tasks, modalities):
 def test_missing_modality_rows_are_masked(tasks):
     """The utterance without audio: its audio values do not matter and fusion gives audio no weight there."""
     data = tasks["emotion"].splits["train"]
-    index = next(i for i, d in enumerate(data.dialogues) if MISSING_AUDIO_ROW in d.rows)
-    batch = data.collate([index])
-    pos = int(np.flatnonzero(batch.rows[0].numpy() == MISSING_AUDIO_ROW)[0])
+    batch, pos = missing_audio_batch(data)
     assert not batch.modality_mask["audio"][0, pos]
     model = model_for(tasks["emotion"].spec).eval()
     with torch.no_grad():

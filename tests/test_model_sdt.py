@@ -10,7 +10,7 @@ import torch
 from erc.data.dialogues import IGNORE, Batch
 from erc.models import ModelOutput, ModelSpec, build_model
 from erc.training.config import CLASS_WEIGHTS
-from tests.fixtures import alone_and_padded, one_torch_thread, overfit, pad, shortest_and_longest
+from tests.fixtures import alone_and_padded, missing_audio_batch, one_torch_thread, overfit, pad, shortest_and_longest
 
 SMALL = {"hidden": 32, "heads": 4, "ff_dim": 32, "dropout": 0.1}
 VIDEO_DIM = 6
@@ -75,12 +75,8 @@ def test_score_head_on_mosi(mosi_task):
 
 
 def test_missing_modality_rows_are_masked(emotion_task):
-    from tests.fixtures import MISSING_AUDIO_ROW
-
     data = emotion_task.splits["train"]
-    index = next(i for i, d in enumerate(data.dialogues) if MISSING_AUDIO_ROW in d.rows)
-    batch = data.collate([index])
-    pos = int(np.flatnonzero(batch.rows[0].numpy() == MISSING_AUDIO_ROW)[0])
+    batch, pos = missing_audio_batch(data)
     assert not batch.modality_mask["audio"][0, pos]
     model = build_model("sdt", emotion_task.spec, SMALL).eval()
     before = model(batch)
