@@ -13,6 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from erc.errors import ErcDataError
 from erc.params import load_params, stage_main
 from erc.training.cluster import init_ray
 from erc.training.config import check_teacher, configs_from_params, tune_settings
@@ -43,6 +44,9 @@ def main():
     overrides = {"teacher_checkpoint": str(Path(args.teacher).resolve())} if args.teacher else None
     (base,) = configs_from_params(params, args.dataset, args.model, source=args.params,
                                   seeds=params["train"]["seeds"][:1], model_overrides=overrides)
+    if base.protocol != "validation":
+        raise ErcDataError(args.params, f"train.protocol: {base.protocol!r}: a search selects on validation; the "
+                                        "paper protocol scores test every epoch and is for pipelines/train.py only")
     base.epochs = tune.epochs or base.epochs
     resolve_locations(base)
     name = args.name or default_name(args.dataset, args.model)

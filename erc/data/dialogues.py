@@ -149,10 +149,14 @@ def feature_stats(prep: Prepared, name: str) -> tuple[np.ndarray, np.ndarray]:
     return values.mean(0).astype(np.float32), np.maximum(values.std(0), 1e-6).astype(np.float32)
 
 
-def split_data(prep: Prepared, split: str, inputs: dict[str, str], target: str,
-               stats: dict[str, tuple[np.ndarray, np.ndarray]]) -> DialogueData:
-    """The dialogues of one split. `inputs` maps modality -> feature set; `target` is emotion or sentiment."""
+def split_data(prep: Prepared, split: str | tuple[str, ...], inputs: dict[str, str], target: str,
+               stats: dict[str, tuple[np.ndarray, np.ndarray]], speakers: str = "appearance") -> DialogueData:
+    """The dialogues of one split (or of several, in table order). `inputs` maps modality -> feature set; `target`
+    is emotion or sentiment. `speakers`: each dialogue's speaker index by order of first turn (`appearance`), or
+    by the speaker's name among the dataset's sorted names (`name`: the same index in every dialogue)."""
     t = prep.table
+    splits = (split,) if isinstance(split, str) else tuple(split)
+    names = {s: i for i, s in enumerate(sorted(t["speaker"].astype(str).unique()))} if speakers == "name" else None
     features, present = {}, {}
     for modality, name in inputs.items():
         fs = prep.features[name]
@@ -168,10 +172,10 @@ def split_data(prep: Prepared, split: str, inputs: dict[str, str], target: str,
     sentiment[sentiment < 0] = IGNORE
     score = t["sentiment_score"].to_numpy().astype(np.float32)
     dialogues = []
-    part = t.index[t["split"] == split]
+    part = t.index[t["split"].isin(splits)]
     for _, idx in t.loc[part].groupby("dialogue_id", sort=False).groups.items():
         rows = np.asarray(idx, dtype=np.int64)
-        speakers = t.loc[rows, "speaker"].to_numpy()
-        first = {s: i for i, s in enumerate(dict.fromkeys(speakers))}
-        dialogues.append(Dialogue(rows, np.array([first[s] for s in speakers]), labels[rows], sentiment[rows], score[rows]))
+        who = t.loc[rows, "speaker"].astype(str).to_numpy()
+        index = names or {s: i for i, s in enumerate(dict.fromkeys(who))}
+        dialogues.append(Dialogue(rows, np.array([index[s] for s in who]), labels[rows], sentiment[rows], score[rows]))
     return DialogueData(dialogues, features, present)

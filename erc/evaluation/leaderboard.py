@@ -83,6 +83,12 @@ def fetch_runs(client, run_ids: list[str]) -> pd.DataFrame:
         if r.info.status != "FINISHED":
             raise ErcDataError(f"mlflow run {run_id}", f"status {r.info.status}, expected FINISHED")
         tags = r.data.tags
+        if tags.get("protocol", "validation") != "validation":
+            raise ErcDataError(f"mlflow run {run_id}", f"a {tags['protocol']}-protocol run (its epoch picked on test) "
+                                                       "never enters the leaderboard")
+        if tags.get("paper_entry") == "true":
+            raise ErcDataError(f"mlflow run {run_id}", "a run with params' paper entry (the official configuration, "
+                                                       "untuned) belongs to the gap table, not the leaderboard")
         row = {k: tags.get(k, "") for k in GROUP + FLAGS}
         row["variant"] = tags.get("variant") or "default"
         row["class_weights"] = tags.get("class_weights") or "none"
@@ -206,7 +212,7 @@ def _millions(count) -> str:
 def to_markdown(board: pd.DataFrame) -> str:
     lines = ["# erc leaderboard", "",
              "Test-split figures (percent) of the checkpoint selected on validation weighted F1, mean ± sample std over",
-             "seeds. 95% CI: bootstrap over seeds and test dialogues (erc/stats.py). p: approximate randomisation over",
+             "seeds. 95% CI: bootstrap over seeds and test dialogues (erc/evaluation/stats.py). p: approximate randomisation over",
              "test dialogues against the dataset's baseline and its best model, Holm-corrected within each dataset;",
              f"* significant at {ALPHA}. Efficiency: the runs' own figures (CPU unless the runs had GPUs); params counts "
              "a frozen teacher (SUMMER's), trainable what the optimizer updates. "

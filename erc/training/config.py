@@ -27,6 +27,14 @@ from erc.models.checkpoint import MODEL_FILES
 from erc.schema import check
 
 SELECT = "val_wf1"  # model selection: validation weighted F1, nothing else
+PROTOCOLS = {
+    "validation": "erc's: the epoch with the best validation weighted F1, early stopping, test scored once",
+    # What the official code of most ERC papers does, kept apart so that its figures can be compared with theirs:
+    # no validation split (its dialogues are trained on), a fixed epoch count, the test split scored every epoch
+    # and the best test epoch reported (the last epoch's beside it). Runs go to the `<experiment>-paper`
+    # experiment, tagged protocol=paper, are never registered and are refused by the leaderboard.
+    "paper": "the official code's: no validation, fixed epochs, test every epoch, best test epoch reported",
+}
 
 @dataclass
 class TrainConfig:
@@ -44,8 +52,15 @@ class TrainConfig:
     batch_size: int = 16  # dialogues per optimizer step, over all workers together
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # adamw (decoupled decay) | adam (L2 added to the gradient, as most official ERC code)
     grad_clip: float = 1.0
     class_weights: str | list = "none"  # the dataset's policy, alike for every model: none | balanced | a CLASS_WEIGHTS name
+    speakers: str = "appearance"  # speaker index: appearance (order of first turn in the dialogue) | name (sorted
+    # speaker names of the whole dataset: IEMOCAP's Female/Male, the official SDT code's gender index)
+    protocol: str = "validation"  # validation (selection on validation, test once) | paper (see PROTOCOLS)
+    paper_train_on_valid: bool = True  # paper protocol: the validation dialogues are trained on (no validation)
+    paper_entry: bool = False  # apply params' paper.<model>.<dataset> (always so under the paper protocol): the
+    # official configuration, selected on validation when the protocol is erc's
     grad_accum_steps: int = 1  # micro-batches per worker per optimizer step
     num_workers: int = 0  # 0: Ray Train's local mode, the loop in this process; N: a worker group of N
     cpus_per_worker: float | None = None  # None: the machine's CPUs shared evenly
@@ -116,8 +131,13 @@ def configs_from_params(params: dict, dataset: str, model: str, *, source="param
     shared = train_settings(params, dataset, model, source=source)  # typed and range-checked
     model_params = dict(params.get("models", {}).get(model) or {})
     model_dataset = (model_params.pop("per_dataset", None) or {}).get(dataset) or {}  # a paper's per-dataset values
-    model_config = model_settings(model, {**model_params, **model_dataset, **(model_overrides or {})},
-                                         source=source)
+    paper_model = {}
+    if shared.get("protocol") == "paper" or shared.get("paper_entry"):  # runs with the official code's settings
+        paper_train, paper_model = paper_settings(params, dataset, model, source=source)
+        shared.update(paper_train, paper_entry=True)
+        shared["experiment"] = f"{shared.get('experiment', 'erc')}-paper"
+    model_config = model_settings(model, {**model_params, **model_dataset, **paper_model, **(model_overrides or {})},
+                                  source=source)
     data = params.get("data_dir", "data")  # a shared path on a cluster, so that every node sees it
     if not isinstance(data, str) or not data:
         raise ErcDataError(source, f"data_dir: a folder expected, got {data!r}")
@@ -138,6 +158,9 @@ TRAIN_CHOICES = {
     "placement_strategy": Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"],
     "backend": Literal["auto", "ddp", "deepspeed"],
     "precision": Literal["auto", "fp32", "bf16", "fp16"],
+    "optimizer": Literal["adamw", "adam"],
+    "speakers": Literal["appearance", "name"],
+    "protocol": Literal[tuple(PROTOCOLS)],
 }
 TRAIN_SECTIONS = ("seeds", "per_model", "per_dataset")  # the structure of `train`, not TrainConfig fields
 # Model config fields, by name: a fraction, a positive size, a positive temperature, a non-negative weight.
@@ -203,6 +226,23 @@ def train_settings(params: dict, dataset: str, model: str, *, source) -> dict:
         settings.update(checked(train_schema(), values, source=source, key=key))
     check_class_weights(settings.get("class_weights", "none"), source=source, key=f"train.class_weights ({dataset})")
     return settings
+
+
+def paper_settings(params: dict, dataset: str, model: str, *, source) -> tuple[dict, dict]:
+    """`paper.<model>.<dataset>`: the official code's training (`train`) and model (`model`) settings, applied over
+    everything else under `train.protocol: paper`. Its class weights are the official code's own, so they may be
+    set here (unlike train.per_model); an entry may be missing (the params' own settings then, under the protocol)."""
+    entry = ((params.get("paper") or {}).get(model) or {}).get(dataset) or {}
+    key = f"paper.{model}.{dataset}"
+    if not isinstance(entry, dict) or set(entry) - {"train", "model", "note"}:
+        raise ErcDataError(source, f"{key}: a section with train, model (and note) expected, got {entry!r}")
+    train = checked(train_schema(), entry.get("train") or {}, source=source, key=f"{key}.train")
+    for own in ("protocol", "paper_entry"):
+        if own in train:
+            raise ErcDataError(source, f"{key}.train.{own}: set by train.{own}, not by an entry")
+    if "class_weights" in train:
+        check_class_weights(train["class_weights"], source=source, key=f"{key}.train.class_weights")
+    return train, checked(model_schema(model), entry.get("model") or {}, source=source, key=f"{key}.model")
 
 
 def check_class_weights(policy, *, source, key: str) -> None:

@@ -49,7 +49,8 @@ def deepspeed_config(cfg, world: int) -> dict:
     if cfg.offload_optimizer:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         # DeepSpeed's CPU Adam (compiled on first use) replaces the torch optimizer when offloading.
-        config["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay}}
+        config["optimizer"] = {"type": "AdamW" if cfg.optimizer == "adamw" else "Adam",
+                               "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay}}
     mode = precision(cfg)
     if mode == "bf16":
         config["bf16"] = {"enabled": True}
@@ -69,8 +70,15 @@ def gather(obj) -> list:
     return out
 
 
+def make_optimizer(cfg, parameters) -> torch.optim.Optimizer:
+    """AdamW (decoupled weight decay), or Adam with the decay as an L2 term of the gradient (the official code of
+    SDT and of most ERC papers)."""
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return kind(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 class DDPStepper:
-    """Plain torch: one worker's model on its device, or several under Ray's `prepare_model` (DDP); AdamW."""
+    """Plain torch: one worker's model on its device, or several under Ray's `prepare_model` (DDP); Adam(W)."""
 
     def __init__(self, cfg, model: torch.nn.Module, world: int, device: torch.device):
         self.cfg, self.world = cfg, world
@@ -86,7 +94,7 @@ class DDPStepper:
         else:  # also outside Ray Train: a Tune trial runs the loop in its own process
             self.model = model.to(device)
         self.module = self.model.module if hasattr(self.model, "module") else self.model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(cfg, self.model.parameters())
         self.input_dtype = None  # weights stay fp32; bf16 runs under autocast
 
     def __call__(self, batch):
@@ -136,7 +144,7 @@ class DeepSpeedStepper:
         optimizer = None
         if "optimizer" not in self.config:
             # A torch optimizer avoids compiling DeepSpeed's fused Adam (about a minute on CPU).
-            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            optimizer = make_optimizer(cfg, model.parameters())
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
                                                dist_init_required=False)
         self.module = self.engine.module

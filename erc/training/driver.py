@@ -80,6 +80,8 @@ def start_run(cfg: TrainConfig, client, tags: dict | None = None) -> None:
         # the leaderboard flags rows whose inputs were learnt with labels, or whose leakage probe warned
         "label_derived": ",".join(sorted(m for m, i in info.items() if i.get("label_derived"))),
         "leakage_warning": ",".join(sorted(m for m, i in info.items() if (i.get("leakage_probe") or {}).get("warning"))),
+        "protocol": cfg.protocol,  # paper: test-selected, kept off the leaderboard and the registry
+        "paper_entry": str(cfg.paper_entry).lower(),  # the official code's configuration (params' paper section)
         "mlflow.runName": f"{cfg.dataset}/{cfg.model}/seed{cfg.seed}", **(tags or {}),
     }
     cfg.run_id = client.create_run(tracking.experiment_id(cfg.experiment, cfg.tracking_uri), tags=run_tags).info.run_id
@@ -129,7 +131,7 @@ def run_all(runs: list[TrainConfig], *, tags: dict | None = None, export_checkpo
                 raise RuntimeError(f"run {cfg.run_id} ({cfg.dataset}/{cfg.model}/seed{cfg.seed}) did not finish")
             metrics = found.data.metrics
             results.append({"run_id": cfg.run_id, "seed": cfg.seed,
-                            **{k: v for k, v in metrics.items() if k.startswith(("test_", "selected_"))}})
+                            **{k: v for k, v in metrics.items() if k.startswith(("test_", "selected_", "last_test_"))}})
         if export_checkpoint:
             os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # two small files
             with atomic_path(export_checkpoint) as tmp, tempfile.TemporaryDirectory() as download:

@@ -101,8 +101,12 @@ def train_runs(runs: list[TrainConfig], session, started_at: float | None = None
 
 def train_one(cfg: TrainConfig, index: int, task: Task, session, clock: Clock, restored_dir: Path | None) -> None:
     rank, world = session.rank, session.world
-    train, valid = task.splits["train"], task.splits["valid"]
-    valid_part = valid.subset(range(rank, len(valid), world))
+    # The split scored every epoch: validation, or test under the paper protocol (its official code's way; logged as
+    # epoch_test_*, since MLflow's value of a metric is its last step's and test_* is the selected epoch's).
+    watched, prefix = ("test", "epoch_test_") if cfg.protocol == "paper" else ("valid", "val_")
+    select = prefix + "wf1"
+    train, watch = task.splits["train"], task.splits[watched]
+    watch_part = watch.subset(range(rank, len(watch), world))
     seed_everything(cfg.seed)
     with clock("model_build"):
         model = build_model(cfg.model, task.spec, cfg.model_config)
@@ -150,9 +154,9 @@ def train_one(cfg: TrainConfig, index: int, task: Task, session, clock: Clock, r
             done = train_epoch(stepper, train, cfg, epoch, rank, world)
             seconds = time.perf_counter() - start
         with clock("valid"):
-            gathered = distributed.gather({"train": done, "valid": predict(
-                stepper.module, valid_part, device=stepper.device, float_dtype=stepper.input_dtype)})
-            metrics, _, _ = score(merge_predictions([g["valid"] for g in gathered]), task, prefix="val_")
+            gathered = distributed.gather({"train": done, "watch": predict(
+                stepper.module, watch_part, device=stepper.device, float_dtype=stepper.input_dtype)})
+            metrics, _, _ = score(merge_predictions([g["watch"] for g in gathered]), task, prefix=prefix)
         losses = {}
         for g in gathered:
             for k, v in g["train"]["losses"].items():
@@ -163,19 +167,19 @@ def train_one(cfg: TrainConfig, index: int, task: Task, session, clock: Clock, r
                         "train_seconds": seconds})
         state["epoch"] = epoch
         state["train_seconds"] = state.get("train_seconds", 0.0) + seconds  # kept across a restart, unlike the clock
-        if metrics[SELECT] > state["best"]:  # strictly better: the first best epoch is kept on ties
-            state.update(best=metrics[SELECT], best_epoch=epoch, since_best=0)
+        if metrics[select] > state["best"]:  # strictly better: the first best epoch is kept on ties
+            state.update(best=metrics[select], best_epoch=epoch, since_best=0)
             best_weights = {k: v.detach().clone() for k, v in stepper.module.state_dict().items()}
         else:
             state["since_best"] += 1
-        metrics["best_" + SELECT] = state["best"]
+        metrics["best_" + select] = state["best"]
         if client is not None:
             from mlflow.entities import Metric
 
             with clock("mlflow"):
                 now = int(time.time() * 1000)
                 client.log_batch(cfg.run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
-        stopping = state["since_best"] >= cfg.patience or epoch == cfg.epochs - 1
+        stopping = epoch == cfg.epochs - 1 or (state["since_best"] >= cfg.patience and cfg.protocol != "paper")
         if session.checkpoints and not stopping and (epoch + 1) % max(cfg.checkpoint_every, 1) == 0:
             checkpoint(metrics)
         elif session.report_every_epoch:
@@ -188,7 +192,8 @@ def train_one(cfg: TrainConfig, index: int, task: Task, session, clock: Clock, r
             client.log_batch(cfg.run_id, metrics=[metric(k, v) for k, v in clock.metrics().items()])
         return
     if rank == 0:
-        finish_run(cfg, task, stepper, best_weights, state, client, clock)
+        finish_run(cfg, task, stepper, best_weights, state, client, clock,
+                   last={f"last_{k[len('epoch_'):]}": v for k, v in metrics.items() if k.startswith("epoch_test_")})
     state["seed_done"] = True  # a restarted worker group goes on with the next seed
     checkpoint(metrics)
     if client is not None:  # the phase times, the last checkpoint's included
@@ -201,8 +206,14 @@ def checkpoint_files(directory, model, cfg: TrainConfig, task: Task, epoch: int,
                     epoch=epoch, train_config=asdict(cfg), metrics=metrics)
 
 
-def finish_run(cfg: TrainConfig, task: Task, stepper, best_weights: dict, state: dict, client, clock: Clock) -> None:
-    """The one look at test: the selected (best validation) weights, evaluated and recorded with the run."""
+def finish_run(cfg: TrainConfig, task: Task, stepper, best_weights: dict, state: dict, client, clock: Clock,
+               last: dict) -> None:
+    """The one look at test: the selected (best validation) weights, evaluated and recorded with the run.
+
+    Under the paper protocol the selected weights are the best TEST epoch's (the official code's figure), the last
+    epoch's test metrics (`last_test_*`, involving no selection) are recorded beside them, and the model is not
+    registered: such a run never serves as a model of erc's."""
+    paper = cfg.protocol == "paper"
     selected = build_model(cfg.model, task.spec, cfg.model_config)
     selected.load_state_dict(best_weights)
     if "test" not in task.splits:  # read once per worker, after the first seed's training
@@ -213,7 +224,8 @@ def finish_run(cfg: TrainConfig, task: Task, stepper, best_weights: dict, state:
         inference = time.perf_counter() - start
         test, cm, pred = score(pred, task, prefix="test_")
     test["selected_epoch"] = state["best_epoch"]
-    test["selected_" + SELECT] = state["best"]
+    test["selected_" + ("epoch_test_wf1" if paper else SELECT)] = state["best"]
+    test.update(last)
     test.update(efficiency(selected, state, inference, len(task.splits["test"]), stepper.device))
     with clock("mlflow"), tempfile.TemporaryDirectory() as tmp:
         checkpoint_files(tmp, selected, cfg, task, state["best_epoch"], {SELECT: state["best"]})
@@ -222,7 +234,8 @@ def finish_run(cfg: TrainConfig, task: Task, stepper, best_weights: dict, state:
         tracking.log_predictions(client, cfg.run_id, task, pred)
         tracking.log_confusion(client, cfg.run_id, cm, task.labels,
                                f"{cfg.dataset} {cfg.model} seed {cfg.seed}: test (epoch {state['best_epoch']})")
-        tracking.log_trained_model(client, cfg, task, tmp, test)  # datasets, logged model, registry
+        if not paper:
+            tracking.log_trained_model(client, cfg, task, tmp, test)  # datasets, logged model, registry
     client.log_batch(cfg.run_id, metrics=[metric(k, v) for k, v in test.items()])
     client.set_terminated(cfg.run_id, "FINISHED")
 

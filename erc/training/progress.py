@@ -85,12 +85,15 @@ def describe(cfg, metrics: dict, status: str) -> str:
     """`mosi/baseline/seed0  epoch 7/30  val wF1 71.2  best 73.0 (epoch 4)  ~12 s left` (or how it ended)."""
     epoch = int(metrics["epoch"]) + 1
     name = f"{cfg.dataset}/{cfg.model}/seed{cfg.seed}"
-    best = metrics.get("best_val_wf1", float("nan"))
-    line = f"{name}  epoch {epoch}/{cfg.epochs}  val wF1 {metrics.get('val_wf1', float('nan')):.2f}  best {best:.2f}"
+    watched = "epoch_test" if cfg.protocol == "paper" else "val"  # the paper protocol scores test every epoch
+    best = metrics.get(f"best_{watched}_wf1", float("nan"))
+    line = (f"{name}  epoch {epoch}/{cfg.epochs}  {watched.replace('_', ' ')} wF1 "
+            f"{metrics.get(f'{watched}_wf1', float('nan')):.2f}  best {best:.2f}")
     if status == "RUNNING":
         per_epoch = metrics.get("train_seconds", 0.0) * 1.15  # validation adds roughly this much
         return f"{line}  ~{per_epoch * (cfg.epochs - epoch):.0f} s left at most"
     if "test_wf1" in metrics:
         line += (f" (epoch {int(metrics['selected_epoch'])})  test wF1 {metrics['test_wf1']:.2f}"
-                 + (f"  Acc-2 {metrics['test_acc2']:.2f}" if "test_acc2" in metrics else ""))
+                 + (f"  Acc-2 {metrics['test_acc2']:.2f}" if "test_acc2" in metrics else "")
+                 + (f"  last epoch's {metrics['last_test_wf1']:.2f}" if "last_test_wf1" in metrics else ""))
     return f"{line}  {status.lower()}"

@@ -41,7 +41,10 @@ def load_task(cfg: TrainConfig, splits=("train", "valid")) -> Task:
     target = prep.meta["target"]
     labels = prep.meta[f"{target}_labels"]
     stats = {name: feature_stats(prep, name) for name in cfg.inputs.values()}
-    data = {s: split_data(prep, s, cfg.inputs, target, stats) for s in splits}
+    paper = cfg.protocol == "paper" and cfg.paper_train_on_valid  # no validation: its dialogues are trained on
+    data = {s: split_data(prep, ("train", "valid") if paper and s == "train" else s, cfg.inputs, target, stats,
+                          speakers=cfg.speakers)
+            for s in splits if not (paper and s == "valid")}
     train_labels = prep.table.loc[prep.table["split"] == "train", f"{target}_id"].to_numpy().astype(np.int64)
     spec = ModelSpec(
         input_dims={m: prep.features[n].dim for m, n in cfg.inputs.items()},
@@ -57,11 +60,11 @@ _loaded: dict = {}  # the last task this process loaded for training (a reused T
 def load_task_cached(cfg: TrainConfig) -> Task:
     """`load_task(cfg)`, loaded once per process for the same data, inputs and class weights."""
     meta = Path(cfg.prepared) / "meta.json"
-    key = (cfg.prepared, tuple(cfg.feature_dirs), tuple(sorted(cfg.inputs.items())),
-           json.dumps(cfg.class_weights), meta.stat().st_mtime_ns if meta.exists() else 0)
+    key = (cfg.prepared, tuple(cfg.feature_dirs), tuple(sorted(cfg.inputs.items())), json.dumps(cfg.class_weights),
+           cfg.speakers, cfg.protocol, cfg.paper_train_on_valid, meta.stat().st_mtime_ns if meta.exists() else 0)
     if key not in _loaded:
         _loaded.clear()
-        _loaded[key] = load_task(cfg)
+        _loaded[key] = load_task(cfg, splits=("train", "test") if cfg.protocol == "paper" else ("train", "valid"))
     return _loaded[key]
 
 @torch.inference_mode()
