@@ -81,3 +81,25 @@ def test_masked_conv1d_packed_is_the_padded_convolution_at_the_real_positions():
                                packing.pack(conv(x, present)))
     with pytest.raises(ValueError, match="kernel_size 1"):
         MaskedConv1d(D, 8, kernel_size=3, padding=1).forward_packed(packing.pack(x), packing.pack(present))
+
+
+def test_pre_ff_norm_is_the_official_sdt_encoder_layer():
+    """norm="pre_ff": the SDT code's one-layer encoder (model.py TransformerEncoderLayer at iter 0 and
+    PositionwiseFeedForward): out = attention + query, unnormalised; y = out + W2·gelu_tanh(W1·LN(out)), LN eps 1e-6."""
+    torch.manual_seed(0)
+    block = AttentionBlock(D, HEADS, ff_dim=2 * D, norm="pre_ff").eval()
+    mask = torch.arange(T) < torch.tensor(LENGTHS)[:, None]
+    query, context = torch.randn(B, T, D), torch.randn(B, T, D)
+    split = lambda x: x.view(B, T, HEADS, -1).transpose(1, 2)  # noqa: E731
+    q, k, v = split(block.q(query)), split(block.k(context)), split(block.v(context))
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~mask[:, None, None, :], -1e10)
+    out = block.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1)) + query
+    first, second = block.ff[0], block.ff[3]
+    normed = torch.nn.functional.layer_norm(out, (D,), block.ff_norm.weight, block.ff_norm.bias, eps=1e-6)
+    inner = first(normed)
+    gelu = 0.5 * inner * (1 + torch.tanh(math.sqrt(2 / math.pi) * (inner + 0.044715 * inner.pow(3))))  # the code's gelu
+    want = (out + second(gelu)) * mask.unsqueeze(-1)
+    torch.testing.assert_close(block(query, context, mask), want)
+    assert block.ff_norm.eps == 1e-6 and isinstance(block.norm, torch.nn.Identity)
+    with pytest.raises(ValueError, match="pre_ff needs a feed-forward"):
+        AttentionBlock(D, HEADS, norm="pre_ff")

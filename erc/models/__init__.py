@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import torch
 
 # The registry, one line per model: its name (params' `models.<name>`, `pipeline.models`) -> the module that defines
-# it with `@register(name)`. A model's module is imported when the model is first asked for, so a stage that trains
-# one model imports that model's file alone (and DVC reruns it when that file changes, not when another does).
+# it with `@register(name)`. A model's module is imported when the model is first asked for, so a process that trains
+# one model imports that model's file alone. (DVC's stages depend on erc/models as a whole: a `dvc repro` after any
+# change here reruns every model's stages.)
 REGISTRY = {
     "baseline": "erc.models.baseline",
     "mister_e": "erc.models.mister_e",
@@ -148,9 +149,10 @@ ADDING = """## Adding a model
    and every choice made (it becomes this page).
 2. One line in `REGISTRY` (`erc/models/__init__.py`): `"<name>": "erc.models.<name>"`.
 3. Its params: `models.<name>` (the widths to train at), its search space `tune.space.<name>` (its own loss weights;
-   `tune.space.all` covers learning rate and dropout), and `<name>` in `pipeline.models`. `dvc repro` then searches
-   and trains it alone (its train and tune stages depend on its own file, not on the other models'), and the
-   leaderboard ranks it.
+   `tune.space.all` covers learning rate and dropout), and `<name>` in `pipeline.models`; where its official code
+   has a configuration of its own, `paper.<name>.<dataset>` (run under `train.protocol: paper`, for the gap
+   table). `dvc repro` then searches and trains it (and, since the stages depend on erc/models as a whole, trains
+   the other models again), and the leaderboard ranks it.
 4. Its tiny config in `tests/test_model_contract.py` (`TINY`, `LEARNS`) and its stored outputs
    (`python -m tests.test_model_contract`): the contract every model meets. Its own test file keeps what is
    specific to its paper. `tests/test_adding_a_model.py` does steps 1 to 3 with a toy model in a copy of the

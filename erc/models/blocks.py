@@ -106,18 +106,26 @@ class AttentionBlock(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, *, attn_dim: int | None = None, ff_dim: int = 0,
-                 dropout: float = 0.1, attn_dropout: float = 0.1):
+                 dropout: float = 0.1, attn_dropout: float = 0.1, norm: str = "post"):
         super().__init__()
+        if norm not in ("post", "pre_ff"):
+            raise ValueError(f"norm {norm!r}: post or pre_ff")
+        if norm == "pre_ff" and not ff_dim:
+            raise ValueError("norm pre_ff needs a feed-forward sub-layer (ff_dim)")
         attn_dim = attn_dim or dim
         self.q, self.k, self.v = nn.Linear(dim, attn_dim), nn.Linear(dim, attn_dim), nn.Linear(dim, attn_dim)
         self.out = nn.Linear(attn_dim, dim)
-        self.heads, self.attn_dropout = heads, attn_dropout
+        self.heads, self.attn_dropout, self.norm_style = heads, attn_dropout, norm
         self.dropout = Dropout(dropout)
-        self.norm = nn.LayerNorm(dim)
+        # post: LayerNorm after each residual, ReLU (Vaswani et al.). pre_ff: the one-layer encoder of the SDT code
+        # (after OpenNMT's): nothing around the attention, LayerNorm (eps 1e-6) before the feed-forward, GELU (tanh
+        # form), so the residual stream is never normalised.
+        self.norm = nn.LayerNorm(dim) if norm == "post" else nn.Identity()
         self.ff = None
         if ff_dim:
-            self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.ReLU(), Dropout(dropout), nn.Linear(ff_dim, dim))
-            self.ff_norm = nn.LayerNorm(dim)
+            act = nn.ReLU() if norm == "post" else nn.GELU(approximate="tanh")
+            self.ff = nn.Sequential(nn.Linear(dim, ff_dim), act, Dropout(dropout), nn.Linear(ff_dim, dim))
+            self.ff_norm = nn.LayerNorm(dim) if norm == "post" else nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, query: torch.Tensor, context: torch.Tensor, mask: torch.Tensor,
                 attn_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,9 +145,11 @@ class AttentionBlock(nn.Module):
                                                   dropout_p=self.attn_dropout if self.training else 0.0)
         attended = packing.pack(attended.transpose(1, 2)).flatten(1)  # (N, attn_dim)
         x = self.norm(query + self.dropout(self.out(attended)))
-        if self.ff is not None:
-            x = self.ff_norm(x + self.dropout(self.ff(x)))
-        return x
+        if self.ff is None:
+            return x
+        if self.norm_style == "pre_ff":
+            return x + self.dropout(self.ff(self.ff_norm(x)))
+        return self.ff_norm(x + self.dropout(self.ff(x)))
 
 
 # ---------------------------------------------------------------- experts

@@ -17,6 +17,11 @@ Follows the paper
 
 Follows the official code
 - Conv1d with kernel 1 and no bias per modality, to hidden 1024.
+- Encoder layer (`encoder_norm="pre_ff"`, the shared AttentionBlock's form of it): the official one-layer encoder,
+  no LayerNorm around the attention, a LayerNorm (eps 1e-6) before the feed-forward, GELU (tanh form), no final
+  LayerNorm. `encoder_norm="post"` is the post-norm ReLU layer erc used until 2026-12-04 (LayerNorm after each
+  residual); on IEMOCAP at the official configuration, selected on validation (one seed), the two differ by
+  0.5 points (validation 61.24 post, 60.76 pre_ff; test 61.16, 60.84): within a seed's spread.
 - Fixed sine/cosine positions plus a learned speaker embedding are added to each encoder's inputs, then dropout
   (drawn separately for every encoder, as each official encoder applies its own).
 - One-layer encoders, 8 heads, feed-forward 1024 (equal to the hidden size); dropout 0.5 everywhere, the
@@ -52,15 +57,13 @@ Paper and code differ
   validation only, so the reported figures above are optimistic.
 
 Departs from the official code
-- Encoder layer = the shared AttentionBlock: post-norm (LayerNorm after the attention residual and after the
-  feed-forward residual) with a ReLU feed-forward. The official one-layer encoder has no LayerNorm around the
-  attention, a LayerNorm (eps 1e-6) before the feed-forward (pre-norm), GELU, and no final LayerNorm. The
-  parameter shapes, the attention, the dropouts and the residual connections are the same.
 - Padding: every layer runs on the real utterances only (packed), the attention alone on the padded dialogue
   with padded keys masked (as the official -1e10 fill), so real utterances do not depend on padding and no time
   goes into it; the official padding slot of the speaker embedding is not needed. The outputs at padded
   positions are zeros (the gate there is uniform); no loss sees them.
-- Speakers: erc gives a per-dialogue speaker index by first appearance. The embedding has `max_speakers`
+- Speakers: erc gives a per-dialogue speaker index by first appearance (`train.speakers: appearance`); the
+  official IEMOCAP loader indexes by gender (male 0, female 1 in every dialogue), which is `train.speakers: name`
+  on IEMOCAP (its speakers are Female and Male), set by the paper entry. The embedding has `max_speakers`
   slots; an index at or beyond the last slot shares it (clamped), so dialogues with more speakers than
   slots still run (MELD's training dialogues have at most 9 speakers, IEMOCAP's 2).
 
@@ -83,6 +86,7 @@ Choices where neither says
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -107,6 +111,7 @@ class SDTConfig:
     detach_teacher: bool = True  # official code: False (NaN with its padding); see the module docstring
     kl_t_squared: bool = False  # multiply the KL by T² (Hinton et al.); official code: no
     freeze_unimodal_gate: bool = False  # official MELD: True (gate weight fixed to the identity)
+    encoder_norm: Literal["pre_ff", "post"] = "pre_ff"  # the official encoder layer; post: the shared post-norm layer
     score_weight: float = 1.0  # weight of the L1 regression loss where the dataset has a score
 
 
@@ -159,7 +164,8 @@ class SDT(nn.Module):
         self.speaker = nn.Embedding(config.max_speakers, h)
         self.input_dropout = Dropout(config.dropout)
         self.encoders = nn.ModuleDict({n: AttentionBlock(h, config.heads, ff_dim=config.ff_dim, dropout=config.dropout,
-                                                         attn_dropout=config.dropout) for n in names})
+                                                         attn_dropout=config.dropout, norm=config.encoder_norm)
+                                       for n in names})
         self.unimodal_gates = nn.ModuleDict({n: UnimodalGate(h, config.freeze_unimodal_gate) for n in names})
         self.reduce = nn.ModuleDict({m: nn.Linear(M * h, h) for m in self.modalities})
         self.multimodal_gate = MultimodalGate(h) if M > 1 else None
