@@ -224,7 +224,8 @@ def model_info(cfg, task) -> dict:
     features = {name: {k: v for k, v in task.prepared.features[name].describe().items() if k != "source"}
                 for name in cfg.inputs.values()}
     return {"model": cfg.model, "dataset": cfg.dataset, "target": task.target, "labels": list(task.labels),
-            "inputs": dict(cfg.inputs), "feature_sets": features, "has_score": task.has_score}
+            "inputs": dict(cfg.inputs), "feature_sets": features, "has_score": task.has_score,
+            "speaker_names": task.speaker_names}  # None: indexed by first turn; a list: the index of `speakers: name`
 
 
 def log_trained_model(client, cfg, task, checkpoint_dir, metrics: dict) -> str:

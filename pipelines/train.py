@@ -11,6 +11,7 @@ STARTED = time.time()  # the imports below count as the run's start-up (time_dri
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from erc.errors import ErcDataError  # noqa: E402
 from erc.io import write_json  # noqa: E402
 from erc.params import load_params, stage_main  # noqa: E402
 from erc.training.config import check_teacher, configs_from_params  # noqa: E402
@@ -40,6 +41,9 @@ def main():
         params, variant = apply_best(params, args.config, args.dataset, args.model), "tuned"
     runs = configs_from_params(params, args.dataset, args.model, source=args.config or args.params,
                                model_overrides=overrides)
+    if args.config and runs[0].paper_entry:
+        raise ErcDataError(args.config, "--config with the paper protocol or train.paper_entry: params' paper entry "
+                                        "would override the tuned values; run one or the other")
     results = run_all(runs, tags={"variant": variant}, process_started=STARTED)
     write_json(args.out, {"dataset": args.dataset, "model": args.model, "variant": variant, "runs": results})
 

@@ -56,7 +56,8 @@ def test_row_table_walks_from_the_published_figure_step_by_step():
     assert table["wf1"].tolist()[1:] == pytest.approx(means)
     assert table["change"].iloc[1] == pytest.approx(means[0] - 74.08)
     assert table["change"].iloc[2] == pytest.approx(-1.0)  # last epoch: one point below in every seed
-    assert table["interval"].tolist()[1:] == ["remainder", "seeds only", "seeds only"]
+    assert table["interval"].tolist()[1:] == ["remainder", "same runs, seeds", "seeds only"]
+    assert table["low"].iloc[2] == pytest.approx(-1.0) and table["high"].iloc[2] == pytest.approx(-1.0)  # paired
     assert table["change"].iloc[3] == pytest.approx(means[2] - means[1])
     text = gap.to_markdown([row], [table])
     assert "## sdt on iemocap" in text and "Remainder: the paper's features" in text
@@ -86,3 +87,10 @@ def test_spec_problems_are_one_line_naming_the_spec(tmp_path):
                     "   steps: [{name: paper, runs: runs.json}]}\n")
     (row,) = gap.load_rows(spec)
     assert row.steps[0].values == {0: 60.0}
+
+
+def test_a_one_seed_step_has_no_interval():
+    first, p1 = step("validation-selected", 0.8, seeds=(0,))
+    second, p2 = step("tuned", 0.6, offset=3)
+    table = gap.row_table(gap.Row("sdt", "iemocap", 74.08, "paper", [first, second]), {**p1, **p2}, replicates=100)
+    assert table["interval"].iloc[2] == "none (one seed)" and np.isnan(table["low"].iloc[2])

@@ -19,7 +19,7 @@ from erc.data.dialogues import split_data
 from erc.errors import ErcDataError
 from erc.evaluation.leaderboard import fetch_runs
 from erc.training.config import TrainConfig, configs_from_params
-from erc.training.distributed import make_optimizer
+from erc.training.distributed import deepspeed_config, make_optimizer
 from erc.training.driver import run
 from erc.training.task import load_task_cached
 from tests.fixtures import INPUTS
@@ -82,6 +82,17 @@ def test_leaderboard_refuses_a_paper_run(paper_run):
         fetch_runs(client, [result["run_id"]])
 
 
+def test_the_official_settings_selected_on_validation_are_measured_not_served(tiny_emotion, tmp_path):
+    """train.paper_entry under erc's protocol: selected on validation, but neither registered nor on the board."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run(paper_config(tiny_emotion, tmp_path, uri, protocol="validation", paper_entry=True, epochs=2))
+    client = mlflow.MlflowClient(uri)
+    assert "selected_val_wf1" in result and "last_test_wf1" not in result
+    assert client.search_model_versions(f"run_id = '{result['run_id']}'") == []
+    with pytest.raises(ErcDataError, match="paper entry"):
+        fetch_runs(client, [result["run_id"]])
+
+
 def test_paper_entry_applies_under_the_paper_protocol_only():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     (erc_cfg,) = configs_from_params(params, "iemocap", "sdt", seeds=[0])
@@ -103,7 +114,7 @@ def test_paper_entry_applies_under_the_paper_protocol_only():
     ({"train": {"protocol": "validation"}}, "paper.sdt.iemocap.train.protocol"),
     ({"train": {"paper_entry": False}}, "paper.sdt.iemocap.train.paper_entry"),
     ({"model": {"no_such_field": 1}}, "paper.sdt.iemocap.model"),
-    ({"trian": {}}, "paper.sdt.iemocap"),
+    ({"trian": {}}, "paper.sdt.iemocap: a section with train, model"),
 ])
 def test_a_bad_paper_entry_is_one_line_naming_its_key(entry, problem):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -138,3 +149,15 @@ def test_optimizer_choice(kind, expected):
     cfg = TrainConfig(dataset="x", prepared="x", inputs={}, optimizer=kind, lr=0.1, weight_decay=0.01)
     opt = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))])
     assert type(opt).__name__ == expected and opt.defaults["weight_decay"] == 0.01
+    offloaded = deepspeed_config(TrainConfig(dataset="x", prepared="x", inputs={}, optimizer=kind,
+                                             offload_optimizer=True), 1)["optimizer"]
+    assert offloaded["params"]["adam_w_mode"] is (kind == "adamw")  # DeepSpeed's Adam is AdamW by default
+
+
+def test_speaker_index_by_name_refuses_a_name_the_model_never_saw():
+    from erc.data.dialogues import speaker_index
+
+    assert speaker_index(["Male", "Female", "Male"], ["Female", "Male"]).tolist() == [1, 0, 1]
+    assert speaker_index(["Bob", "Ann", "Bob"]).tolist() == [0, 1, 0]  # by first turn
+    with pytest.raises(ErcDataError, match=r"talk\.csv: speakers \['Bob'\]"):
+        speaker_index(["Bob", "Female"], ["Female", "Male"], source="talk.csv")

@@ -13,7 +13,8 @@ from erc.training.progress import RunProgress
 def test_not_on_a_terminal_a_long_run_prints_a_line_per_interval_and_one_at_its_end(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("erc", artifact_location=(tmp_path / "mlruns").as_uri())
-    runs = [SimpleNamespace(run_id=client.create_run(exp).info.run_id, dataset="meld", model="sdt", seed=s, epochs=4)
+    runs = [SimpleNamespace(run_id=client.create_run(exp).info.run_id, dataset="meld", model="sdt", seed=s, epochs=4,
+                            protocol="validation")
             for s in (0, 1)]
     stream = io.StringIO()  # not a TTY: lines, no live bars
     every_epoch = RunProgress(client, runs, stream, log_every=0.0)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from erc.data.canonical import Prepared
+from erc.errors import ErcDataError
 
 IGNORE = -100  # label value for padding and unlabelled utterances (cross_entropy's ignore_index)
 
@@ -19,7 +20,8 @@ class Batch:
     features:      {modality: (B, T, D_m) float}
     modality_mask: {modality: (B, T) bool}  utterance present and this modality available for it
     mask:          (B, T) bool  real (not padded) utterances
-    speakers:      (B, T) long  speaker index within the dialogue by first appearance (0 for padding)
+    speakers:      (B, T) long  speaker index: within the dialogue by first appearance, or by the dataset's sorted
+                                speaker names (`train.speakers: name`); 0 for padding
     labels:        (B, T) long  the dataset's target class, IGNORE where padded or unlabelled
     sentiment:     (B, T) long  sentiment class where the dataset has one besides the target, else IGNORE
     score:         (B, T) float continuous sentiment, NaN where none
@@ -149,6 +151,24 @@ def feature_stats(prep: Prepared, name: str) -> tuple[np.ndarray, np.ndarray]:
     return values.mean(0).astype(np.float32), np.maximum(values.std(0), 1e-6).astype(np.float32)
 
 
+def speaker_names(table) -> list[str]:
+    """The dataset's speaker names, sorted: the index of `speakers: name` (IEMOCAP: Female 0, Male 1)."""
+    return sorted(table["speaker"].astype(str).unique())
+
+
+def speaker_index(who, names: list[str] | None = None, source="speaker") -> np.ndarray:
+    """One dialogue's speaker indices: by order of first turn, or (`names`) by position among the dataset's names."""
+    who = [str(s) for s in who]
+    if names is None:
+        first = {s: i for i, s in enumerate(dict.fromkeys(who))}
+        return np.array([first[s] for s in who], dtype=np.int64)
+    index = {s: i for i, s in enumerate(names)}
+    unknown = sorted(set(who) - set(index))
+    if unknown:
+        raise ErcDataError(source, f"speakers {unknown} are not among the names the model was trained on {names}")
+    return np.array([index[s] for s in who], dtype=np.int64)
+
+
 def split_data(prep: Prepared, split: str | tuple[str, ...], inputs: dict[str, str], target: str,
                stats: dict[str, tuple[np.ndarray, np.ndarray]], speakers: str = "appearance") -> DialogueData:
     """The dialogues of one split (or of several, in table order). `inputs` maps modality -> feature set; `target`
@@ -156,7 +176,7 @@ def split_data(prep: Prepared, split: str | tuple[str, ...], inputs: dict[str, s
     by the speaker's name among the dataset's sorted names (`name`: the same index in every dialogue)."""
     t = prep.table
     splits = (split,) if isinstance(split, str) else tuple(split)
-    names = {s: i for i, s in enumerate(sorted(t["speaker"].astype(str).unique()))} if speakers == "name" else None
+    names = speaker_names(t) if speakers == "name" else None
     features, present = {}, {}
     for modality, name in inputs.items():
         fs = prep.features[name]
@@ -176,6 +196,5 @@ def split_data(prep: Prepared, split: str | tuple[str, ...], inputs: dict[str, s
     for _, idx in t.loc[part].groupby("dialogue_id", sort=False).groups.items():
         rows = np.asarray(idx, dtype=np.int64)
         who = t.loc[rows, "speaker"].astype(str).to_numpy()
-        index = names or {s: i for i, s in enumerate(dict.fromkeys(who))}
-        dialogues.append(Dialogue(rows, np.array([index[s] for s in who]), labels[rows], sentiment[rows], score[rows]))
+        dialogues.append(Dialogue(rows, speaker_index(who, names), labels[rows], sentiment[rows], score[rows]))
     return DialogueData(dialogues, features, present)

@@ -93,12 +93,16 @@ def difference_interval(a: np.ndarray, b: np.ndarray, *, replicates: int = REPLI
     return float(low), float(high)
 
 
-def seed_interval(a: list[float], b: list[float], *, replicates: int = REPLICATES, seed: int = 0,
+def seed_interval(a: list[float], b: list[float], *, paired: bool = False, replicates: int = REPLICATES, seed: int = 0,
                   level: float = 0.95) -> tuple[float, float]:
-    """Interval of mean(b) - mean(a) drawing each side's seeds only (no predictions to draw dialogues from)."""
+    """Interval of mean(b) - mean(a) drawing the seeds only (no predictions to draw dialogues from); `paired`: a and b
+    are two figures of the same runs (seed k with seed k), drawn together."""
     rng = np.random.default_rng(seed)
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    diff = (rng.choice(b, size=(replicates, len(b))).mean(1) - rng.choice(a, size=(replicates, len(a))).mean(1))
+    if paired:
+        diff = rng.choice(b - a, size=(replicates, len(a))).mean(1)
+    else:
+        diff = rng.choice(b, size=(replicates, len(b))).mean(1) - rng.choice(a, size=(replicates, len(a))).mean(1)
     tail = (1 - level) / 2
     low, high = np.quantile(diff, [tail, 1 - tail])
     return float(low), float(high)
@@ -127,13 +131,17 @@ def row_table(row: Row, predictions: dict[str, pd.DataFrame], *, replicates: int
         else:
             line["change"] = line["wf1"] - out[-1]["wf1"]
             both = [previous, step]
-            if all(s.metric == "test_wf1" and all(r["run_id"] in confusions for r in s.runs) for s in both):
+            same_runs = [r["run_id"] for r in previous.runs] == [r["run_id"] for r in step.runs]
+            if min(len(previous.runs), len(step.runs)) < 2 and not same_runs:
+                line.update(low=np.nan, high=np.nan, interval="none (one seed)")
+            elif not same_runs and all(s.metric == "test_wf1" and all(r["run_id"] in confusions for r in s.runs) for s in both):
                 low, high = difference_interval(*(np.stack([confusions[r["run_id"]] for r in s.runs]) for s in both),
                                                 replicates=replicates)
                 line.update(low=low, high=high, interval="dialogues and seeds")
             else:
-                low, high = seed_interval(list(previous.values.values()), list(values.values()), replicates=replicates)
-                line.update(low=low, high=high, interval="seeds only")
+                low, high = seed_interval(list(previous.values.values()), list(values.values()), paired=same_runs,
+                                          replicates=replicates)
+                line.update(low=low, high=high, interval="same runs, seeds" if same_runs else "seeds only")
         out.append(line)
         previous = step
     return pd.DataFrame(out)

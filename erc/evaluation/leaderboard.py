@@ -212,7 +212,8 @@ def _millions(count) -> str:
 def to_markdown(board: pd.DataFrame) -> str:
     lines = ["# erc leaderboard", "",
              "Test-split figures (percent) of the checkpoint selected on validation weighted F1, mean ± sample std over",
-             "seeds. 95% CI: bootstrap over seeds and test dialogues (erc/evaluation/stats.py). p: approximate randomisation over",
+             "seeds. 95% CI: bootstrap over seeds and test dialogues (erc/evaluation/stats.py). "
+             "p: approximate randomisation over",
              "test dialogues against the dataset's baseline and its best model, Holm-corrected within each dataset;",
              f"* significant at {ALPHA}. Efficiency: the runs' own figures (CPU unless the runs had GPUs); params counts "
              "a frozen teacher (SUMMER's), trainable what the optimizer updates. "

@@ -76,11 +76,13 @@ def held_out(info: dict, data_dir, cache: dict):
     from erc.training.config import TrainConfig
     from erc.training.task import load_task
 
-    key = (info["dataset"], tuple(sorted(info["inputs"].items())))
+    speakers = "name" if info.get("speaker_names") else "appearance"  # as the model was trained
+    key = (info["dataset"], tuple(sorted(info["inputs"].items())), speakers)
     if key not in cache:
         data = Path(data_dir)
         cfg = TrainConfig(dataset=info["dataset"], prepared=str(data / "prepared" / info["dataset"]),
-                          feature_dirs=[str(data / "features" / info["dataset"])], inputs=dict(info["inputs"]))
+                          feature_dirs=[str(data / "features" / info["dataset"])], inputs=dict(info["inputs"]),
+                          speakers=speakers)
         cache[key] = load_task(cfg, splits=("test",)).splits["test"]
     return cache[key]
 

@@ -7,6 +7,7 @@ Shapes: B dialogues, T utterances (padded), D features, C classes; `mask` is (B,
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +99,8 @@ class MaskedBiGRU(nn.Module):
 
 class AttentionBlock(nn.Module):
     """Multi-head attention of `query` over `context` (self-attention when they are the same), then
-    dropout, residual and LayerNorm; optionally a position-wise feed-forward sub-layer likewise.
+    dropout, residual and LayerNorm; optionally a position-wise feed-forward sub-layer likewise (`norm="post"`), or
+    SDT's form with one LayerNorm before the feed-forward and none on the residual stream (`norm="pre_ff"`).
 
     `attn_dim` lets the attention run in a smaller space than the model (MiSTER-E: 1024 -> 120, 3 heads).
     Padded context positions are excluded by the key padding mask; padded query rows are zeroed. The
@@ -106,7 +108,7 @@ class AttentionBlock(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, *, attn_dim: int | None = None, ff_dim: int = 0,
-                 dropout: float = 0.1, attn_dropout: float = 0.1, norm: str = "post"):
+                 dropout: float = 0.1, attn_dropout: float = 0.1, norm: Literal["post", "pre_ff"] = "post"):
         super().__init__()
         if norm not in ("post", "pre_ff"):
             raise ValueError(f"norm {norm!r}: post or pre_ff")

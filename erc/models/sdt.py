@@ -63,7 +63,8 @@ Departs from the official code
   positions are zeros (the gate there is uniform); no loss sees them.
 - Speakers: erc gives a per-dialogue speaker index by first appearance (`train.speakers: appearance`); the
   official IEMOCAP loader indexes by gender (male 0, female 1 in every dialogue), which is `train.speakers: name`
-  on IEMOCAP (its speakers are Female and Male), set by the paper entry. The embedding has `max_speakers`
+  on IEMOCAP (its speakers are Female and Male: the same two groups, indices swapped, which a randomly initialised
+  embedding does not see), set by the paper entry. The embedding has `max_speakers`
   slots; an index at or beyond the last slot shares it (clamped), so dialogues with more speakers than
   slots still run (MELD's training dialogues have at most 9 speakers, IEMOCAP's 2).
 

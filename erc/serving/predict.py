@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from erc.data.dialogues import IGNORE, Dialogue, DialogueData
+from erc.data.dialogues import IGNORE, Dialogue, DialogueData, speaker_index
 from erc.errors import ErcDataError
 from erc.models.checkpoint import LoadedModel, load_model
 from erc.evaluation.inference import Outputs, infer
@@ -121,8 +121,10 @@ def encode_text(texts: list[str], feature_set: dict, encoder=None) -> np.ndarray
     return values
 
 
-def conversation_data(table: pd.DataFrame, features: dict, present: dict, stats: dict, inputs: dict) -> DialogueData:
-    """The conversation(s) as dialogues, features standardised with the training split's statistics."""
+def conversation_data(table: pd.DataFrame, features: dict, present: dict, stats: dict, inputs: dict,
+                      speaker_names: list[str] | None = None, source="conversation") -> DialogueData:
+    """The conversation(s) as dialogues, features standardised with the training split's statistics, speakers
+    indexed as the model was trained (by first turn, or among `speaker_names`)."""
     standard = {}
     for m, values in features.items():
         mean, std = stats[inputs[m]]
@@ -130,10 +132,9 @@ def conversation_data(table: pd.DataFrame, features: dict, present: dict, stats:
     dialogues = []
     for _, rows in table.groupby("dialogue_id", sort=False).groups.items():
         rows = np.asarray(rows, dtype=np.int64)
-        speakers = table["speaker"].to_numpy()[rows]
-        first = {s: i for i, s in enumerate(dict.fromkeys(speakers))}
+        speakers = speaker_index(table["speaker"].to_numpy()[rows], speaker_names, source)
         n = len(rows)
-        dialogues.append(Dialogue(rows, np.array([first[s] for s in speakers]), np.full(n, IGNORE), np.full(n, IGNORE),
+        dialogues.append(Dialogue(rows, speakers, np.full(n, IGNORE), np.full(n, IGNORE),
                                   np.full(n, np.nan, dtype=np.float32)))
     return DialogueData(dialogues, standard, present)
 
@@ -163,7 +164,8 @@ def predict(conversation, model: str | LoadedModel, *, tracking_uri: str | None 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, tracking_uri)
     table = read_conversation(conversation)
     features, present = modality_features(table, conversation, loaded, encoder=encoder)
-    data = conversation_data(table, features, present, loaded.stats, loaded.info["inputs"])
+    data = conversation_data(table, features, present, loaded.stats, loaded.info["inputs"],
+                             loaded.info.get("speaker_names"), source=str(conversation))
     return to_frame(table, infer(loaded.model, data), loaded.info["labels"])
 
 

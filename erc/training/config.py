@@ -26,13 +26,14 @@ from erc.models import MODELS
 from erc.models.checkpoint import MODEL_FILES
 from erc.schema import check
 
-SELECT = "val_wf1"  # model selection: validation weighted F1, nothing else
+SELECT = "val_wf1"  # model selection under erc's protocol: validation weighted F1, nothing else (see PROTOCOLS)
 PROTOCOLS = {
     "validation": "erc's: the epoch with the best validation weighted F1, early stopping, test scored once",
     # What the official code of most ERC papers does, kept apart so that its figures can be compared with theirs:
     # no validation split (its dialogues are trained on), a fixed epoch count, the test split scored every epoch
     # and the best test epoch reported (the last epoch's beside it). Runs go to the `<experiment>-paper`
-    # experiment, tagged protocol=paper, are never registered and are refused by the leaderboard.
+    # experiment, tagged protocol=paper, are never registered and are refused by the leaderboard. Feature statistics
+    # and `balanced` class weights still come from the training split alone (as the official harnesses here had them).
     "paper": "the official code's: no validation, fixed epochs, test every epoch, best test epoch reported",
 }
 
@@ -135,7 +136,7 @@ def configs_from_params(params: dict, dataset: str, model: str, *, source="param
     if shared.get("protocol") == "paper" or shared.get("paper_entry"):  # runs with the official code's settings
         paper_train, paper_model = paper_settings(params, dataset, model, source=source)
         shared.update(paper_train, paper_entry=True)
-        shared["experiment"] = f"{shared.get('experiment', 'erc')}-paper"
+        shared["experiment"] = f"{shared.get('experiment', TrainConfig.experiment)}-paper"
     model_config = model_settings(model, {**model_params, **model_dataset, **paper_model, **(model_overrides or {})},
                                   source=source)
     data = params.get("data_dir", "data")  # a shared path on a cluster, so that every node sees it

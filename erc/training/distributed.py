@@ -49,8 +49,9 @@ def deepspeed_config(cfg, world: int) -> dict:
     if cfg.offload_optimizer:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         # DeepSpeed's CPU Adam (compiled on first use) replaces the torch optimizer when offloading.
-        config["optimizer"] = {"type": "AdamW" if cfg.optimizer == "adamw" else "Adam",
-                               "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay}}
+        # DeepSpeed's Adam is AdamW unless told otherwise (adam_w_mode defaults to True)
+        config["optimizer"] = {"type": "Adam", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
+                                                          "adam_w_mode": cfg.optimizer == "adamw"}}
     mode = precision(cfg)
     if mode == "bf16":
         config["bf16"] = {"enabled": True}

@@ -3,7 +3,8 @@
 `train_runs` trains the seeds of one stage one after another: the data is loaded once, then per seed
 `train_one`: an epoch (`train_epoch`) at a time, validation weighted F1 after each, the best weights kept, a
 checkpoint every few epochs, early stopping; then, on rank 0, `finish_run`: the one look at test, with the
-selected weights, recorded in the seed's MLflow run.
+selected weights, recorded in the seed's MLflow run. Under the paper protocol (erc.training.config.PROTOCOLS) test
+takes validation's place every epoch, there is no early stopping, and the last epoch's figures are kept beside.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def train_one(cfg: TrainConfig, index: int, task: Task, session, clock: Clock, r
             start = time.perf_counter()
             done = train_epoch(stepper, train, cfg, epoch, rank, world)
             seconds = time.perf_counter() - start
-        with clock("valid"):
+        with clock(watched):
             gathered = distributed.gather({"train": done, "watch": predict(
                 stepper.module, watch_part, device=stepper.device, float_dtype=stepper.input_dtype)})
             metrics, _, _ = score(merge_predictions([g["watch"] for g in gathered]), task, prefix=prefix)
@@ -193,7 +194,7 @@ def train_one(cfg: TrainConfig, index: int, task: Task, session, clock: Clock, r
         return
     if rank == 0:
         finish_run(cfg, task, stepper, best_weights, state, client, clock,
-                   last={f"last_{k[len('epoch_'):]}": v for k, v in metrics.items() if k.startswith("epoch_test_")})
+                   last={f"last_{k.removeprefix('epoch_')}": v for k, v in metrics.items() if k.startswith("epoch_test_")})
     state["seed_done"] = True  # a restarted worker group goes on with the next seed
     checkpoint(metrics)
     if client is not None:  # the phase times, the last checkpoint's included
@@ -208,7 +209,7 @@ def checkpoint_files(directory, model, cfg: TrainConfig, task: Task, epoch: int,
 
 def finish_run(cfg: TrainConfig, task: Task, stepper, best_weights: dict, state: dict, client, clock: Clock,
                last: dict) -> None:
-    """The one look at test: the selected (best validation) weights, evaluated and recorded with the run.
+    """The one look at test: the selected epoch's weights, evaluated and recorded with the run.
 
     Under the paper protocol the selected weights are the best TEST epoch's (the official code's figure), the last
     epoch's test metrics (`last_test_*`, involving no selection) are recorded beside them, and the model is not
@@ -224,17 +225,18 @@ def finish_run(cfg: TrainConfig, task: Task, stepper, best_weights: dict, state:
         inference = time.perf_counter() - start
         test, cm, pred = score(pred, task, prefix="test_")
     test["selected_epoch"] = state["best_epoch"]
-    test["selected_" + ("epoch_test_wf1" if paper else SELECT)] = state["best"]
+    select = "epoch_test_wf1" if paper else SELECT
+    test["selected_" + select] = state["best"]
     test.update(last)
     test.update(efficiency(selected, state, inference, len(task.splits["test"]), stepper.device))
     with clock("mlflow"), tempfile.TemporaryDirectory() as tmp:
-        checkpoint_files(tmp, selected, cfg, task, state["best_epoch"], {SELECT: state["best"]})
+        checkpoint_files(tmp, selected, cfg, task, state["best_epoch"], {select: state["best"]})
         for name in MODEL_FILES:
             client.log_artifact(cfg.run_id, str(Path(tmp) / name), "checkpoint")
         tracking.log_predictions(client, cfg.run_id, task, pred)
         tracking.log_confusion(client, cfg.run_id, cm, task.labels,
                                f"{cfg.dataset} {cfg.model} seed {cfg.seed}: test (epoch {state['best_epoch']})")
-        if not paper:
+        if not (paper or cfg.paper_entry):  # the official settings are measured, never served as erc's model
             tracking.log_trained_model(client, cfg, task, tmp, test)  # datasets, logged model, registry
     client.log_batch(cfg.run_id, metrics=[metric(k, v) for k, v in test.items()])
     client.set_terminated(cfg.run_id, "FINISHED")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from erc.data import canonical
-from erc.data.dialogues import IGNORE, DialogueData, feature_stats, split_data
+from erc.data.dialogues import IGNORE, DialogueData, feature_stats, speaker_names, split_data
 from erc.metrics import split_metrics
 from erc.models import ModelSpec
 from erc.training.config import TrainConfig, class_weights_for
@@ -31,6 +31,7 @@ class Task:
     splits: dict[str, DialogueData]
     spec: ModelSpec
     stats: dict
+    speaker_names: list[str] | None = None  # `speakers: name`: the index every dialogue's speakers take
 
     @property
     def has_score(self) -> bool:
@@ -53,7 +54,8 @@ def load_task(cfg: TrainConfig, splits=("train", "valid")) -> Task:
         has_score=bool(prep.meta.get("has_sentiment_score")),
         class_weights=class_weights_for(cfg.class_weights, labels, train_labels, f"train.class_weights ({cfg.dataset})"),
     )
-    return Task(prep, target, labels, data, spec, stats)
+    names = speaker_names(prep.table) if cfg.speakers == "name" else None
+    return Task(prep, target, labels, data, spec, stats, names)
 
 _loaded: dict = {}  # the last task this process loaded for training (a reused Tune trial actor trains on it again)
 

@@ -29,6 +29,7 @@ from erc.models import MODELS
 from erc.training.config import SELECT, TrainConfig
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
+NOT_SEARCHED = {"protocol", "paper_entry", "paper_train_on_valid"}  # a search is erc's protocol, params' own settings
 PARENT_FILE = "mlflow_parent_run.json"  # beside Tune's experiment state: a resumed search keeps its parent run
 
 
@@ -42,6 +43,8 @@ def space_for(params: dict, model: str, source="params.yaml") -> dict:
         section, _, name = key.partition(".")
         if not ((section == "train" and name in train_fields) or (section == "model" and name in model_fields)):
             raise ErcDataError(source, f"tune.space key {key!r} is neither train.<field> nor model.<{model} field>")
+        if section == "train" and name in NOT_SEARCHED:
+            raise ErcDataError(source, f"tune.space key {key!r}: a protocol setting, never searched")
         if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
             raise ErcDataError(source, f"tune.space {key}: expected one of {DISTRIBUTIONS} with its arguments")
         kind, args = next(iter(spec.items()))
