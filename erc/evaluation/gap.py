@@ -36,6 +36,12 @@ class Step:
     def values(self) -> dict[int, float]:
         return {int(r["seed"]): float(r[self.metric]) for r in self.runs}
 
+    @property
+    def validation(self) -> float:
+        """Mean validation weighted F1 of the selected epochs (NaN for the paper protocol, which has none)."""
+        found = [float(r["selected_val_wf1"]) for r in self.runs if "selected_val_wf1" in r]
+        return float(np.mean(found)) if found and self.metric == "test_wf1" else np.nan
+
 
 @dataclass
 class Row:
@@ -118,12 +124,12 @@ def confusions_of(steps: list[Step], predictions: dict[str, pd.DataFrame]) -> di
 def row_table(row: Row, predictions: dict[str, pd.DataFrame], *, replicates: int = REPLICATES) -> pd.DataFrame:
     """One line per step: seeds, mean, std, and the difference to the line before with its interval."""
     confusions = confusions_of([s for s in row.steps if s.metric == "test_wf1"], predictions)
-    out = [{"step": f"published ({row.source})", "seeds": "", "wf1": row.published, "std": np.nan,
+    out = [{"step": f"published ({row.source})", "seeds": "", "val": np.nan, "wf1": row.published, "std": np.nan,
             "change": np.nan, "low": np.nan, "high": np.nan, "interval": ""}]
     previous = None
     for step in row.steps:
         values = step.values
-        line = {"step": step.name + (f" ({step.note})" if step.note else ""), "seeds": len(values),
+        line = {"step": step.name + (f" ({step.note})" if step.note else ""), "seeds": len(values), "val": step.validation,
                 "wf1": float(np.mean(list(values.values()))),
                 "std": float(np.std(list(values.values()), ddof=1)) if len(values) > 1 else np.nan}
         if previous is None:
@@ -149,20 +155,22 @@ def row_table(row: Row, predictions: dict[str, pd.DataFrame], *, replicates: int
 
 def to_markdown(rows: list[Row], tables: list[pd.DataFrame]) -> str:
     lines = ["# From the published figure to erc's leaderboard row", "",
-             "Test weighted F1 (%). Each step is a group of erc runs (its seeds) that differs from the step above in "
+             "Test weighted F1 (%), and the selected epochs' validation weighted F1 where a step selects on validation "
+             "(the paper protocol has none). Each step is a group of erc runs (its seeds) that differs from the step above in "
              "one thing; *change* is its seed mean minus the line above, with a 95% bootstrap interval (dialogues and "
              "seeds drawn, or the seeds alone where a step has no test predictions). The first change is the "
              "remainder no erc run measures: the paper's features, widths or protocol details named below. "
              "Written by `python pipelines/gap.py`.", ""]
     for row, table in zip(rows, tables):
-        lines += [f"## {row.model} on {row.dataset}", "", "| step | seeds | wF1 | std | change | 95% interval |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"## {row.model} on {row.dataset}", "",
+                  "| step | seeds | validation wF1 | test wF1 | std | change | 95% interval |", "|---|---|---|---|---|---|---|"]
         for _, t in table.iterrows():
             interval = (f"[{t['low']:+.2f}, {t['high']:+.2f}] ({t['interval']})" if not np.isnan(t["low"])
                         else t["interval"])
             std = "" if np.isnan(t["std"]) else f"{t['std']:.2f}"
             change = "" if np.isnan(t["change"]) else f"{t['change']:+.2f}"
-            lines.append(f"| {t['step']} | {t['seeds']} | {t['wf1']:.2f} | {std} | {change} | {interval} |")
+            val = "" if np.isnan(t["val"]) else f"{t['val']:.2f}"
+            lines.append(f"| {t['step']} | {t['seeds']} | {val} | {t['wf1']:.2f} | {std} | {change} | {interval} |")
         if row.remainder:
             lines += ["", f"Remainder: {row.remainder}"]
         lines.append("")
