@@ -180,8 +180,7 @@ def test_prepare_featurize_probe_stages_on_a_folder_corpus(tmp_path, corpus):
 def test_featurize_stage_stops_on_a_bad_clip_and_leaves_nothing(tmp_path):
     corpus = make_corpus(tmp_path / "clips", speakers=3, per_label=1)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["datasets"] = {"clips": {"adapter": "folder_labels", "options": {**OPTIONS, "valid_fraction": 0, "test_fraction": 0},
-                                    "files": {"clips": {"path": str(corpus)}}}}
+    params["datasets"] = {"clips": {"adapter": "folder_labels", "options": OPTIONS, "files": {"clips": {"path": str(corpus)}}}}
     params["featurize"]["media"] = {"clips": {"layout": "folder", "files": "clips", "sets": ["egemaps"]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     p = str(tmp_path / "params.yaml")

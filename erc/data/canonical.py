@@ -101,22 +101,53 @@ def validation_dialogues(dialogues, fraction: float, seed: int) -> set[str]:
     return set(ranked[: round(fraction * len(ranked))])
 
 
+def check_shape(shape: tuple, *, source, dim: int | None = None, rows: int | None = None) -> None:
+    """A feature matrix's shape: 2-d, `dim` wide, `rows` long; ErcDataError naming `source` otherwise."""
+    if len(shape) != 2:
+        raise ErcDataError(source, f"features must be a 2-d matrix, got shape {tuple(shape)}")
+    if dim is not None and shape[1] != dim:
+        raise ErcDataError(source, f"wrong feature dim: {shape[1]}, expected {dim}")
+    if rows is not None and shape[0] != rows:
+        raise ErcDataError(source, f"{shape[0]} feature rows for {rows} utterances")
+
+
+def _nonfinite(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(values as float32, where they are NaN/inf)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # checked after the cast: 1e39 is inf in float32
+        values = np.asarray(values).astype(np.float32, copy=False)
+    return values, ~np.isfinite(values)
+
+
 def check_features(values: np.ndarray, *, source, dim: int | None = None, rows: int | None = None) -> np.ndarray:
     """Reject NaN/inf and wrong shapes, naming `source`; return the matrix as float32."""
     values = np.asarray(values)
-    if values.ndim != 2:
-        raise ErcDataError(source, f"features must be a 2-d matrix, got shape {values.shape}")
-    if dim is not None and values.shape[1] != dim:
-        raise ErcDataError(source, f"wrong feature dim: {values.shape[1]}, expected {dim}")
-    if rows is not None and values.shape[0] != rows:
-        raise ErcDataError(source, f"{values.shape[0]} feature rows for {rows} utterances")
-    with np.errstate(over="ignore", invalid="ignore"):  # checked after the cast: 1e39 is inf in float32
-        values = values.astype(np.float32, copy=False)
-    bad = ~np.isfinite(values)
+    check_shape(values.shape, source=source, dim=dim, rows=rows)
+    values, bad = _nonfinite(values)
     if bad.any():
-        row = int(np.argwhere(bad)[0][0])
-        raise ErcDataError(source, f"{int(bad.sum())} NaN/inf feature values (first in row {row})")
+        first = int(np.argwhere(bad)[0][0])
+        raise ErcDataError(source, f"{int(bad.sum())} NaN/inf feature values (first in row {first})")
     return values
+
+
+def check_feature_file(path, *, dim: int, rows: int, block_bytes: int = 1 << 24) -> None:
+    """A saved feature matrix checked as `load_features` would find it, without holding it in memory: the shape
+    its header gives, then NaN/inf a block of rows at a time (memory-mapped)."""
+    path = Path(path)
+    try:
+        values = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        why = "truncated: shorter than its header says" if "mmap length" in str(e) else str(e).splitlines()[0]
+        raise ErcDataError(path, f"unreadable feature matrix ({why})") from None
+    check_shape(values.shape, source=path, dim=dim, rows=rows)
+    step = max(1, block_bytes // max(1, values.itemsize * dim))
+    bad_count, first = 0, None
+    for start in range(0, rows, step):
+        _, bad = _nonfinite(values[start:start + step])
+        if bad.any():
+            bad_count += int(bad.sum())
+            first = start + int(np.argwhere(bad)[0][0]) if first is None else first
+    if bad_count:
+        raise ErcDataError(path, f"{bad_count} NaN/inf feature values (first in row {first})")
 
 
 def validate(prep: Prepared, *, where, expected_dialogues=None) -> None:
@@ -228,6 +259,62 @@ def load(directory, *, extra_feature_dirs=(), feature_names=None) -> Prepared:
         if features[name].values.shape[0] != len(table):
             raise ErcDataError(found / f"{name}.npy", f"{features[name].values.shape[0]} rows for {len(table)} utterances")
     return Prepared(table, meta, features)
+
+
+def check_contents(directory, *, extra_feature_dirs=(), feature_names=()) -> None:
+    """What `load(directory, extra_feature_dirs=..., feature_names=...)` will read, checked before anything uses it:
+    the table and meta.json readable, and each feature set's matrix (and presence mask) with the shape its header
+    gives and no NaN/inf. Training calls it before any run exists: a broken file is one line naming it, not a
+    failed run."""
+    directory = Path(directory)
+    table_path = directory / "utterances.parquet"
+    try:
+        table = pd.read_parquet(table_path)  # every page, not only the footer: a corrupt page fails here too
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise ErcDataError(table_path, f"unreadable parquet ({str(e).splitlines()[0]}): rerun the prepare "
+                                       "stage") from None
+    lacking = [c for c in COLUMNS if c not in table.columns]
+    if lacking:
+        raise ErcDataError(table_path, f"lacks the canonical columns {lacking}: rerun the prepare stage")
+    try:
+        json.loads((directory / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ErcDataError(directory / "meta.json", f"unreadable JSON ({e}): rerun the prepare stage") from None
+    for name in feature_names:
+        folder = feature_dir(directory, extra_feature_dirs, name)
+        try:
+            dim = int(json.loads((folder / f"{name}.json").read_text())["dim"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ErcDataError(folder / f"{name}.json", f"unreadable feature set description ({e!r})") from None
+        check_feature_file(folder / f"{name}.npy", dim=dim, rows=len(table))
+        present = folder / f"{name}.present.npy"
+        if present.exists():
+            try:
+                shape = np.load(present, mmap_mode="r", allow_pickle=False).shape
+            except (OSError, ValueError) as e:
+                raise ErcDataError(present, f"unreadable presence mask ({str(e).splitlines()[0]})") from None
+            if shape != (len(table),):
+                raise ErcDataError(present, f"presence mask has shape {shape}, expected ({len(table)},)")
+
+
+def split_problem(table: pd.DataFrame, target: str) -> str | None:
+    """What leaves a valid dataset untrainable, or None: a split without a dialogue, or without an utterance
+    labelled for the `target` task (nothing to train on, to select the epoch by, or to score)."""
+    dialogues = {s: int(table.loc[table["split"] == s, "dialogue_id"].nunique()) for s in SPLITS}
+    empty = [s for s, n in dialogues.items() if n == 0]
+    if empty:
+        return (f"the {' and '.join(empty)} split{'s hold' if len(empty) > 1 else ' holds'} no dialogue ("
+                + ", ".join(f"{s} {n}" for s, n in dialogues.items()) + " dialogues)")
+    unlabelled = [s for s in SPLITS if not (table.loc[table["split"] == s, f"{target}_id"] >= 0).any()]
+    if unlabelled:
+        return f"no utterance of the {' and '.join(unlabelled)} split has a {target} label (the target task)"
+    return None
+
+
+def unseen_labels(table: pd.DataFrame, target: str) -> list[str]:
+    """The `target` labels that valid or test hold and no training utterance has: the model never learns them."""
+    seen = set(table.loc[table["split"] == "train", target])
+    return sorted(set(table.loc[table["split"] != "train", target]) - seen - {""})
 
 
 def feature_set_names(directory) -> list[str]:

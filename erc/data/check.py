@@ -4,9 +4,10 @@
     erc check-data mycorpus --params params.yaml --dialogues 3
 
 It runs the dataset's adapter and the canonical checks, then prints the files read, the counts per split and
-label, the label lists (as meta.json would hold them) and the first dialogues; or every problem found, one line
-each (the generic adapter checks every row; a built-in adapter stops at its first problem). Exit status 1 when
-there is a problem.
+label, the label lists (as meta.json would hold them), a warning for a label that valid or test hold and train
+lacks, and the first dialogues; or every problem found, one line each (the generic adapter checks every row; a
+built-in adapter stops at its first problem; a split with no dialogue, or no label of the target task, is a
+problem). Exit status 1 when there is a problem.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import sys
 
 from erc.data import build_dataset
-from erc.data.canonical import SPLITS, counts, validate
+from erc.data.canonical import SPLITS, counts, unseen_labels, validate
 from erc.data.conversations import DataProblems
 from erc.errors import ErcDataError
 from erc.params import load_params
@@ -38,6 +39,12 @@ def describe(prepared, dialogues: list[str], *, name: str, shown: int) -> list[s
             if task in c:
                 lines.append(f"    {task}: " + ", ".join(f"{label} {n}" for label, n in c[task].items()))
     lines += [f"note: {note}" for note in meta.get("notes", [])]
+    unseen = unseen_labels(table, meta["target"])
+    if unseen:
+        lines.append(f"warning: {meta['target']} label{'s' if len(unseen) > 1 else ''} {', '.join(map(repr, unseen))} "
+                     "in valid or test but in no training utterance: the model never learns "
+                     f"{'them' if len(unseen) > 1 else 'it'} (add training dialogues with "
+                     f"{'them' if len(unseen) > 1 else 'it'})")
     lines.append(f"first dialogues ({min(shown, len(dialogues))} of {len(dialogues)}):")
     first = [d for split in SPLITS for d in table.loc[table["split"] == split, "dialogue_id"].unique()][:shown]
     for dialogue in first:

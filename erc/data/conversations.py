@@ -28,7 +28,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 from erc.data.canonical import MODALITIES, SPLITS, Prepared, make_table, validation_dialogues
-from erc.data.text_repair import decode, repair
+from erc.data.text_repair import decode, repair, wide_encoding
 from erc.errors import ErcDataError
 from erc.schema import check
 from erc.sources import DatasetFiles
@@ -178,9 +178,13 @@ def read_table(path: Path, fmt: str, opts: Options) -> list[tuple[int, dict]]:
         if fmt == "parquet":
             df = pd.read_parquet(path)
             return check_header(path, df, opts, [(i + 1, r) for i, r in enumerate(df.to_dict("records"))])
-        text = decode(path.read_bytes()).removeprefix("\ufeff")  # a byte-order mark (spreadsheet exports)
+        raw = path.read_bytes()
     except (OSError, ValueError) as e:
         raise ErcDataError(path, f"unreadable {fmt} ({str(e).splitlines()[0]})") from None
+    encoding = wide_encoding(raw)
+    if encoding:  # read as UTF-8 its header would be garbled names, each reported as a missing column
+        raise ErcDataError(path, f"not UTF-8 text ({encoding}): save it as UTF-8 (a spreadsheet's \"CSV UTF-8\")")
+    text = decode(raw).removeprefix("\ufeff")  # a byte-order mark (spreadsheet exports)
     if fmt == "jsonl":
         return read_jsonl(path, text, opts)
     try:

@@ -23,6 +23,22 @@ def _cp1252(byte: int) -> str:
         return ""
 
 
+# Byte-order marks of text that is not UTF-8 at all (UTF-8's own is read), UTF-32 first: its LE mark starts as UTF-16's.
+_WIDE_BOMS = {b"\xff\xfe\x00\x00": "UTF-32 (little-endian)", b"\x00\x00\xfe\xff": "UTF-32 (big-endian)",
+              b"\xff\xfe": "UTF-16 (little-endian)", b"\xfe\xff": "UTF-16 (big-endian)"}
+
+
+def wide_encoding(raw: bytes) -> str | None:
+    """The encoding of UTF-16 or UTF-32 text (which `decode` would turn into garbage), else None: by its byte-order
+    mark, or by NUL bytes, which UTF-8 text never holds."""
+    for bom, name in _WIDE_BOMS.items():
+        if raw.startswith(bom):
+            return name
+    if b"\x00" in raw[:65536]:
+        return "UTF-16 or UTF-32 without a byte-order mark, or not text: it holds NUL bytes"
+    return None
+
+
 def decode(raw: bytes) -> str:
     """UTF-8, with any byte that is not valid UTF-8 read as cp1252."""
     text = raw.decode("utf-8", errors="surrogateescape")

@@ -20,7 +20,10 @@ from erc.data.media import AUDIO_SUFFIXES, MediaItem
 from erc.errors import ErcDataError
 
 SAMPLE_RATE = 16_000
-SILENCE_DBFS = -60.0  # RMS below this (dB re full scale) is silence
+# Silence: the loudest FRAME_SECONDS window's RMS below SILENCE_DBFS (dB re full scale). The loudest window, not
+# the clip's mean: quiet speech padded with seconds of silence has a low mean but loud frames.
+SILENCE_DBFS = -60.0
+FRAME_SECONDS = 0.025
 
 
 class MediaError(ErcDataError):
@@ -55,7 +58,8 @@ def _decode_soundfile(path: Path) -> tuple[np.ndarray, int]:
 
 def load_audio(item: MediaItem | str | Path, *, sample_rate: int = SAMPLE_RATE,
                silence_dbfs: float = SILENCE_DBFS) -> np.ndarray:
-    """The (segment of the) file as float32 mono at `sample_rate`; MediaError for a file that has none."""
+    """The (segment of the) file as float32 mono at `sample_rate`; MediaError for a file that has none, or whose
+    loudest 25 ms are below `silence_dbfs` (RMS, dB re full scale)."""
     import soxr
 
     item = item if isinstance(item, MediaItem) else MediaItem(Path(item))
@@ -78,8 +82,17 @@ def load_audio(item: MediaItem | str | Path, *, sample_rate: int = SAMPLE_RATE,
         raise MediaError(path, "NaN/inf audio samples")
     if rate != sample_rate:
         wave = soxr.resample(wave, rate, sample_rate).astype(np.float32)
-    rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
-    level = 20 * np.log10(rms) if rms > 0 else -np.inf
+    level = loudest_frame_dbfs(wave, sample_rate)
     if level < silence_dbfs:
-        raise MediaError(path, f"silent audio (RMS {level:.0f} dBFS, threshold {silence_dbfs:.0f})")
+        raise MediaError(path, f"silent audio (RMS {level:.0f} dBFS in its loudest {FRAME_SECONDS * 1000:.0f} ms, "
+                               f"threshold {silence_dbfs:.0f})")
     return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def loudest_frame_dbfs(wave: np.ndarray, sample_rate: int, frame_seconds: float = FRAME_SECONDS) -> float:
+    """The RMS (dBFS) of the loudest `frame_seconds` window of `wave` (every start sample; the whole wave when
+    shorter), -inf for digital silence."""
+    frame = max(1, min(len(wave), round(frame_seconds * sample_rate)))
+    energy = np.concatenate([[0.0], np.cumsum(np.square(wave, dtype=np.float64))])
+    loudest = float(np.max(energy[frame:] - energy[:-frame])) / frame
+    return 10 * np.log10(loudest) if loudest > 0 else -np.inf
