@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -43,9 +44,12 @@ def sqlite_artifact_root(uri: str) -> Path:
 
 
 def experiment_id(name: str = EXPERIMENT, uri: str | None = None) -> str:
+    """The experiment's id (made if missing). Every erc command that creates runs asks this first: it is where a
+    store is opened for writing, so it also ends the runs that killed processes left RUNNING (`end_orphaned_runs`)."""
     import mlflow
 
     client = mlflow.MlflowClient(uri or tracking_uri())
+    end_orphaned_runs(client, uri or tracking_uri())
     found = client.get_experiment_by_name(name)
     if found is not None:
         for key, value in EXPERIMENT_KIND.items():
@@ -59,6 +63,54 @@ def experiment_id(name: str = EXPERIMENT, uri: str | None = None) -> str:
         return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created meanwhile by another process
         return client.get_experiment_by_name(name).experiment_id
+
+
+OWNER_TAGS = ("driver_host", "driver_pid")  # the process that opened a run, and so must close it
+
+
+def owner_tags() -> dict:
+    """Tags of a run this process opens: a run still RUNNING when this process no longer exists was killed."""
+    return dict(zip(OWNER_TAGS, (socket.gethostname(), str(os.getpid()))))
+
+
+def owner_alive(run) -> bool:
+    """Whether the process that opened `run` (its `owner_tags`) still runs on this host: alive, and not a newer
+    process that took its pid over. A run of another host, or without the tags, counts as alive: it cannot be
+    judged from here."""
+    import psutil
+
+    host, pid = (run.data.tags.get(tag, "") for tag in OWNER_TAGS)
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        return psutil.Process(int(pid)).create_time() <= run.info.start_time / 1000 + 1
+    except psutil.Error:
+        return False
+
+
+_swept: set = set()
+
+
+def end_orphaned_runs(client, uri: str) -> list[str]:
+    """Mark KILLED the RUNNING runs opened on this host by a process that is gone (`kill -9`, a lost machine
+    session): nothing else would ever end them. Once per store and process; returns the runs' ids.
+
+    A run of another host is left alone (its process cannot be seen from here), as is one without the tags."""
+    if uri in _swept:
+        return []
+    _swept.add(uri)
+    host, ended = socket.gethostname(), []
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    for run in client.search_runs(experiments, "attributes.status = 'RUNNING' and tags.driver_host = "
+                                               f"'{host}'", max_results=50000):
+        if not owner_alive(run):
+            pid = run.data.tags.get("driver_pid", "")
+            client.set_tag(run.info.run_id, "killed_by", f"its process {pid} on {host} is gone")
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_id)
+    return ended
 
 
 def ui_url(experiment_id: str, base: str = "http://127.0.0.1:5000") -> str:

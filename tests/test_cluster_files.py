@@ -45,3 +45,33 @@ def test_launcher_usage_names_real_params():
     usage = [line.lstrip("#").strip().rstrip("\\").strip() for line in (CLUSTER / "ray-cluster.yaml").read_text().splitlines()
              if line.startswith("#") and ("--set" in line or "pipelines/train.py" in line)]
     overrides_name_existing_params(shlex.split(" ".join(usage)), load_params(ROOT / "params.yaml"))
+
+
+def test_the_tracking_server_takes_no_request_without_a_login():
+    """The head's `mlflow server` listens beyond loopback only behind MLflow's basic-auth app (installed there with
+    its extra), configured by the ini the launcher copies; the RayJob's head and workers get the login from a Secret."""
+    import configparser
+
+    config = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    servers = [shlex.split(c.split("nohup", 1)[1]) for c in config["head_start_ray_commands"] if "mlflow server" in c]
+    assert servers
+    for command in servers:
+        host = command[command.index("--host") + 1]
+        assert host.startswith("127.") or command[command.index("--app-name") + 1] == "basic-auth", command
+    started = next(c for c in config["head_start_ray_commands"] if "mlflow server" in c)
+    ini = next(local for remote, local in config["file_mounts"].items()
+               if remote.endswith("/mlflow-auth.ini") and "MLFLOW_AUTH_CONFIG_PATH=$HOME/" + remote.split("/home/ubuntu/")[1] in started)
+    auth = configparser.ConfigParser()
+    auth.read(ROOT / ini)  # as mlflow.server.auth.config.read_auth_config does
+    assert auth["mlflow"]["admin_username"] == "erc" and auth["mlflow"]["default_permission"] == "NO_PERMISSIONS"
+    assert auth["mlflow"]["database_uri"].startswith("sqlite:////mnt/erc/")  # on the shared file system
+    assert "admin_password" not in auth["mlflow"]  # made on the head, never in the repository
+    assert any("mlflow[auth]" in c for c in config["head_setup_commands"])  # the app's own dependencies (Flask-WTF)
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert any("~/.mlflow/credentials" in c for c in commands)  # drivers and workers log in
+
+    job = yaml.safe_load((CLUSTER / "rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
+    for group in [job["headGroupSpec"], *job["workerGroupSpecs"]]:
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "erc-mlflow-auth"

@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from erc.data.canonical import check_contents
 from erc.data.dialogues import IGNORE
 from erc.errors import ErcDataError
 from erc.models import MODELS
@@ -326,8 +327,9 @@ def check_teacher(model: str, teacher: str | None, *, source="command line") -> 
 
 
 def check_inputs(cfg) -> None:
-    """Every path a run reads exists: the prepared dataset, its input feature sets, a teacher checkpoint.
-    Each problem names the missing path first, then the param or option that leads to it."""
+    """Every path a run reads exists, and holds what the run will read (`canonical.check_contents`: the table
+    whole, each feature file's width, rows and finiteness): the prepared dataset, its input feature sets, a teacher
+    checkpoint. Each problem names the path first, then the param or option that leads to it."""
     teacher = cfg.model_config.get("teacher_checkpoint")
     if teacher:
         missing = [name for name in MODEL_FILES if not (Path(teacher) / name).is_file()]
@@ -344,3 +346,4 @@ def check_inputs(cfg) -> None:
         if not any((folder / f"{name}.json").is_file() for folder in folders):
             raise ErcDataError(folders[-1], f"inputs.{cfg.dataset}.{modality}: no feature set {name!r} here or in "
                                             f"{folders[0]}: run `dvc repro featurize@{cfg.dataset}`")
+    check_contents(prepared, extra_feature_dirs=cfg.feature_dirs, feature_names=list(cfg.inputs.values()))

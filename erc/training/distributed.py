@@ -26,16 +26,19 @@ def backend(cfg) -> str:
     return cfg.backend
 
 
-def precision(cfg) -> str:
-    """`auto`: bf16 on GPUs, fp32 on CPU (CPU bf16 kernels are slower than fp32 on most machines)."""
+def precision(cfg, device) -> str:
+    """`auto`: bf16 where the run asked for GPUs and its worker has one, else fp32 (CPU bf16 kernels are slower than
+    fp32 on most machines): by the device, never by the flag alone; and not by the device alone either, since local
+    mode takes a GPU where torch sees one whatever the flag, and default params stay fp32 there as they were."""
     if cfg.precision == "auto":
-        return "bf16" if cfg.use_gpu else "fp32"
+        return "bf16" if cfg.use_gpu and torch.device(device).type == "cuda" else "fp32"
     return cfg.precision
 
 
-def deepspeed_config(cfg, world: int) -> dict:
+def deepspeed_config(cfg, world: int, device="cpu") -> dict:
     """The DeepSpeed config for this run. Batches here are dialogues; DeepSpeed's batch fields only have to be
-    consistent (train_batch_size = micro x accumulation x world), since erc feeds the engine itself."""
+    consistent (train_batch_size = micro x accumulation x world), since erc feeds the engine itself. `device`: the
+    worker's, which decides precision `auto`."""
     micro = max(1, cfg.batch_size // (world * cfg.grad_accum_steps))
     config = {
         "train_batch_size": micro * cfg.grad_accum_steps * world,
@@ -52,7 +55,7 @@ def deepspeed_config(cfg, world: int) -> dict:
         # DeepSpeed's Adam is AdamW unless told otherwise (adam_w_mode defaults to True)
         config["optimizer"] = {"type": "Adam", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
                                                           "adam_w_mode": cfg.optimizer == "adamw"}}
-    mode = precision(cfg)
+    mode = precision(cfg, device)
     if mode == "bf16":
         config["bf16"] = {"enabled": True}
     elif mode == "fp16":
@@ -83,9 +86,10 @@ class DDPStepper:
 
     def __init__(self, cfg, model: torch.nn.Module, world: int, device: torch.device):
         self.cfg, self.world = cfg, world
-        self.dtype = {"fp32": None, "bf16": torch.bfloat16}.get(precision(cfg), "unsupported")
+        self.precision = precision(cfg, device)
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16}.get(self.precision, "unsupported")
         if self.dtype == "unsupported":
-            raise ValueError(f"precision {precision(cfg)!r} needs the deepspeed backend (loss scaling)")
+            raise ValueError(f"precision {self.precision!r} needs the deepspeed backend (loss scaling)")
         self.device = device
         if world > 1:
             import ray.train.torch
@@ -134,6 +138,7 @@ class DeepSpeedStepper:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
         import ray.train
+        import ray.train.torch
 
         context = ray.train.get_context()
         # DeepSpeed reads the launcher's variables; Ray has set up the process group and MASTER_* already.
@@ -141,7 +146,8 @@ class DeepSpeedStepper:
                           LOCAL_RANK=str(context.get_local_rank()),
                           LOCAL_WORLD_SIZE=str(context.get_local_world_size()))
         self.cfg = cfg
-        self.config = deepspeed_config(cfg, world)
+        device = ray.train.torch.get_device()  # the worker's GPU where Ray gave it one (use_gpu), else the CPU
+        self.config = deepspeed_config(cfg, world, device)
         optimizer = None
         if "optimizer" not in self.config:
             # A torch optimizer avoids compiling DeepSpeed's fused Adam (about a minute on CPU).
@@ -150,7 +156,8 @@ class DeepSpeedStepper:
                                                dist_init_required=False)
         self.module = self.engine.module
         self.device = self.engine.device
-        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision(cfg))
+        self.precision = precision(cfg, device)
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.accumulation = cfg.grad_accum_steps
 
     def __call__(self, batch):
@@ -181,8 +188,14 @@ def stepper(cfg, model: torch.nn.Module, world: int, device: torch.device):
 
 
 def describe(cfg, world: int) -> dict:
-    """What the run's MLflow params record about distribution."""
-    info = {"backend": backend(cfg), "precision": precision(cfg), "world_size": world}
-    if info["backend"] == "deepspeed":
-        info["deepspeed_config"] = json.dumps(deepspeed_config(cfg, world), sort_keys=True)
+    """What the run's MLflow params record about distribution, from the driver (the worker adds `in_use`)."""
+    return {"backend": backend(cfg), "world_size": world}
+
+
+def in_use(stepper) -> dict:
+    """What a worker's stepper does on the device it has (precision `auto` resolved), for the run's params: written
+    by the worker, since only it knows its device."""
+    info = {"precision": stepper.precision}
+    if backend(stepper.cfg) == "deepspeed":
+        info["deepspeed_config"] = json.dumps(stepper.config, sort_keys=True)
     return info

@@ -10,9 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +27,7 @@ from erc.models import MODELS
 from erc.models.checkpoint import MODEL_FILES
 from erc.training import distributed
 from erc.training.clock import Clock, import_in_background
-from erc.training.cluster import init_ray, scaling_config
+from erc.training.cluster import scaling_config, start_ray
 from erc.training.config import TrainConfig, check_inputs
 from erc.training.loop import metric, train_loop_per_worker
 
@@ -82,10 +86,11 @@ def start_run(cfg: TrainConfig, client, tags: dict | None = None) -> None:
         "leakage_warning": ",".join(sorted(m for m, i in info.items() if (i.get("leakage_probe") or {}).get("warning"))),
         "protocol": cfg.protocol,  # paper: test-selected, kept off the leaderboard and the registry
         "paper_entry": str(cfg.paper_entry).lower(),  # the official code's configuration (params' paper section)
-        "mlflow.runName": f"{cfg.dataset}/{cfg.model}/seed{cfg.seed}", **(tags or {}),
+        "mlflow.runName": f"{cfg.dataset}/{cfg.model}/seed{cfg.seed}", **tracking.owner_tags(), **(tags or {}),
     }
     cfg.run_id = client.create_run(tracking.experiment_id(cfg.experiment, cfg.tracking_uri), tags=run_tags).info.run_id
-    params = tracking.flatten({k: v for k, v in asdict(cfg).items() if k not in ("run_id", "tracking_uri")})
+    # precision: the one in use, which the worker records (`auto` follows the device it has)
+    params = tracking.flatten({k: v for k, v in asdict(cfg).items() if k not in ("run_id", "tracking_uri", "precision")})
     params.update({f"model_config.{k}": v for k, v in asdict(MODELS[cfg.model].Config(**cfg.model_config)).items()})
     params.update(distributed.describe(cfg, max(cfg.num_workers, 1)))  # local mode: one process
     tracking.log_params(client, cfg.run_id, params)
@@ -110,10 +115,11 @@ def run_all(runs: list[TrainConfig], *, tags: dict | None = None, export_checkpo
     for cfg in runs:
         resolve_locations(cfg)
         cfg.run_id = None
-    if any(cfg.num_workers for cfg in runs):
-        with clock("ray_init"):
-            init_ray()
-    client = mlflow.MlflowClient(runs[0].tracking_uri)
+    first = runs[0]
+    with clock("ray_init") if first.num_workers else nullcontext():
+        start_ray(first.num_workers, first.use_gpu)
+    client = mlflow.MlflowClient(first.tracking_uri)
+    previous = on_sigterm(Terminated.raise_)  # after Ray's start, which sets its own
     try:
         with clock("mlflow"):
             for cfg in runs:
@@ -140,11 +146,47 @@ def run_all(runs: list[TrainConfig], *, tags: dict | None = None, export_checkpo
                 for name in MODEL_FILES:
                     shutil.copy2(Path(download) / "checkpoint" / name, Path(tmp) / name)
         return results
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C, SIGTERM, or Ray Train's own Ctrl-C handler (it aborts the workers, then exits): killed, not failed.
+        ended = end_runs(client, runs, "KILLED")
+        print(f"interrupted: {', '.join(ended) or 'no run started'}"
+              f"{' ended as KILLED' if ended else ''}", file=sys.stderr)
+        raise SystemExit(128 + (signal.SIGTERM if Terminated.received else signal.SIGINT)) from None
     except BaseException:
-        for cfg in runs:
-            if cfg.run_id and client.get_run(cfg.run_id).info.status != "FINISHED":
-                client.set_terminated(cfg.run_id, "FAILED")
+        end_runs(client, runs, "FAILED")
         raise
+    finally:
+        on_sigterm(previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread as Ctrl-C is, so that the runs end as KILLED (Python's default ends the
+    process at once, and leaves them RUNNING)."""
+
+    received = False  # what the exit status says, whichever exception the signal ends up as (Ray's own, say)
+
+    @classmethod
+    def raise_(cls, signum, frame):
+        cls.received = True
+        raise cls()
+
+
+def on_sigterm(handler):
+    """Install `handler` for SIGTERM (from the main thread only, where Python allows it); returns the previous one."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def end_runs(client, runs: list[TrainConfig], status: str) -> list[str]:
+    """End the runs that were opened and did not finish; returns their names."""
+    ended = []
+    for cfg in runs:
+        if cfg.run_id and client.get_run(cfg.run_id).info.status not in ("FINISHED", status):
+            client.set_terminated(cfg.run_id, status)
+            ended.append(f"{cfg.dataset}/{cfg.model}/seed{cfg.seed} ({cfg.run_id})")
+    return ended
+
 
 def run(cfg: TrainConfig, *, tags: dict | None = None, export_checkpoint=None) -> dict:
     """One seed, tracked (see `run_all`)."""

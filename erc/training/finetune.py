@@ -287,7 +287,7 @@ def finetune_and_featurize(table, labels: np.ndarray, label_names: list[str], ou
     from ray.train.torch import TorchTrainer
 
     from erc.features.text import resolve_encoder
-    from erc.training.cluster import init_ray, scaling_config
+    from erc.training.cluster import scaling_config, start_ray
 
     out_dir = Path(out_dir).resolve()
     config = {"finetune": asdict(cfg), "modality": "text" if items is None else "audio", "texts": list(texts or []),
@@ -295,8 +295,7 @@ def finetune_and_featurize(table, labels: np.ndarray, label_names: list[str], ou
               "splits": table["split"].tolist(), "classes": len(label_names), "label_names": label_names,
               "model": resolve_encoder(model), "pooling": pooling, "max_length": max_length,
               "out_dir": str(out_dir), "name": name, "source": source, "info": info}
-    if cfg.num_workers:
-        init_ray()
+    start_ray(cfg.num_workers, cfg.use_gpu)
     cpus = cfg.cpus_per_worker or max(1, (os.cpu_count() or 1) // max(cfg.num_workers, 1))
     trainer = TorchTrainer(
         train_loop_per_worker,
