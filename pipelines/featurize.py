@@ -15,7 +15,7 @@ import torch
 from erc.data.canonical import feature_set_names, load, load_features
 from erc.evaluation.leakage import leakage_max_gap, probe_features
 from erc.features.featurize import featurize_dataset
-from erc.io import atomic_path
+from erc.io import check_writable, locked_atomic_path, remove_stale_temps
 from erc.params import load_params, stage_main
 from erc.training.finetune import finetune_dataset
 
@@ -30,11 +30,14 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. --set featurize.encoders.minilm.batch_size=128")
     args = parser.parse_args()
+    check_writable(args.out, folder=True)
     params = load_params(args.params, args.set)
     torch.manual_seed(0)
 
     prepared = load(args.prepared, feature_names=[])
-    with atomic_path(args.out) as tmp:
+    for stale in remove_stale_temps(args.out):
+        print(f"removed {stale}: what a killed run of this stage left", flush=True)
+    with locked_atomic_path(args.out) as tmp:
         tmp.mkdir()
         table_source = f"{args.prepared}/utterances.parquet"
         for line in featurize_dataset(args.dataset, prepared, table_source, params, tmp, source=args.params):

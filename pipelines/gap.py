@@ -18,7 +18,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from erc.evaluation import gap
-from erc.io import write_text
+from erc.io import check_writable, write_text
 from erc.params import stage_main
 from erc.tracking import tracking_uri
 
@@ -29,6 +29,7 @@ def main():
     parser.add_argument("spec", help="the gap spec (YAML)")
     parser.add_argument("--out", required=True, help="the markdown table to write")
     args = parser.parse_args()
+    check_writable(args.out)
 
     rows = gap.load_rows(args.spec)
     client = mlflow.MlflowClient(tracking_uri())

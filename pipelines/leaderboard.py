@@ -15,7 +15,7 @@ import mlflow
 import pandas as pd
 
 from erc.evaluation import leaderboard
-from erc.io import atomic_path, write_json
+from erc.io import atomic_path, check_writable, write_json
 from erc.params import load_params, stage_main
 from erc.tracking import tracking_uri
 
@@ -28,6 +28,9 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
+    out = Path(args.out)
+    for name in ("leaderboard.csv", "leaderboard.md", "metrics.json", "confusion"):
+        check_writable(out / name, folder=name == "confusion")
 
     files = leaderboard.collect_run_files(args.runs, load_params(args.params), source=args.params)
     client = mlflow.MlflowClient(tracking_uri())
@@ -37,7 +40,6 @@ def main():
         with tempfile.TemporaryDirectory() as dl:
             predictions[run_id] = pd.read_csv(client.download_artifacts(run_id, "test_predictions.csv", dl))
     board = leaderboard.add_significance(leaderboard.summarise(runs), runs, predictions)
-    out = Path(args.out)
     with atomic_path(out / "leaderboard.csv") as tmp:
         board.to_csv(tmp, index=False, float_format="%.4f")
     with atomic_path(out / "leaderboard.md") as tmp:

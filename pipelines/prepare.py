@@ -10,6 +10,7 @@ import argparse
 from erc.data import build_dataset
 from erc.data.canonical import counts, save
 from erc.evaluation.leakage import leakage_max_gap, probe_features
+from erc.io import check_writable
 from erc.params import load_params, stage_main
 
 
@@ -20,6 +21,7 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
+    check_writable(args.out, folder=True)
 
     params = load_params(args.params)
     prepared, dialogues = build_dataset(params, args.dataset, source=args.params)

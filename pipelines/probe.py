@@ -10,7 +10,7 @@ import argparse
 
 from erc.data.canonical import feature_set_names, load
 from erc.evaluation.probe import speaker_independent_probe
-from erc.io import write_json
+from erc.io import check_writable, write_json
 from erc.params import load_params, stage_main
 
 
@@ -23,6 +23,7 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
+    check_writable(args.out)
     options = load_params(args.params).get("probe") or {}
 
     names = feature_set_names(args.features)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from erc import tracking
 from erc.evaluation import leaderboard, report, robustness
-from erc.io import atomic_path
+from erc.io import atomic_path, check_writable
 from erc.params import load_params, stage_main
 
 
@@ -30,6 +30,7 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
+    check_writable(args.out, folder=True)
 
     params = load_params(args.params)
     uri = tracking.tracking_uri()

@@ -8,6 +8,7 @@ every run, tracked in MLflow with tag role=teacher); its checkpoint directory is
 
 import argparse
 
+from erc.io import check_writable
 from erc.params import load_params, stage_main
 from erc.training.config import configs_from_params, teacher_settings
 from erc.training.driver import run
@@ -22,6 +23,7 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. --set train.num_workers=4 --set data_dir=/mnt/erc/data")
     args = parser.parse_args()
+    check_writable(args.out, folder=True)
 
     params = load_params(args.params, args.set)
     teacher = teacher_settings(params, source=args.params)

@@ -12,7 +12,7 @@ import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from erc.errors import ErcDataError  # noqa: E402
-from erc.io import write_json  # noqa: E402
+from erc.io import check_writable, write_json  # noqa: E402
 from erc.params import load_params, stage_main  # noqa: E402
 from erc.training.config import check_teacher, configs_from_params  # noqa: E402
 from erc.training.driver import run_all  # noqa: E402
@@ -31,6 +31,7 @@ def main():
                         help="override a param, e.g. --set train.num_workers=4 --set data_dir=/mnt/erc/data")
     args = parser.parse_args()
 
+    check_writable(args.out)
     check_teacher(args.model, args.teacher)
     overrides = {"teacher_checkpoint": str(Path(args.teacher).resolve())} if args.teacher else None
     params = load_params(args.params, args.set)

@@ -121,6 +121,23 @@ def make_prepared(directory, *, kind: str = "emotion", seed: int = 0, splits=(("
 # ---------------------------------------------------------------- shared model-test procedures
 
 
+def tiny_project(tmp, **sections) -> Path:
+    """`tmp` with the project's params.yaml pointed at it: its data_dir holds the prepared dataset `tiny`, read with
+    INPUTS, and runs checkpoint under it; `sections` update params' sections (`train={...}`)."""
+    import yaml
+
+    tmp = Path(tmp)
+    make_prepared(tmp / "data" / "prepared" / "tiny", kind="emotion")
+    params = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
+    params["data_dir"] = str(tmp / "data")
+    params["inputs"]["tiny"] = dict(INPUTS)
+    params["train"]["storage_path"] = str(tmp / "ray_results")
+    for section, values in sections.items():
+        params[section].update(values)
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp
+
+
 def task_of(path, inputs=INPUTS):
     """The train and valid splits of a prepared fixture as a Task (what a model test builds from)."""
     return load_task(TrainConfig(dataset="tiny", prepared=str(path), inputs=dict(inputs)), splits=("train", "valid"))

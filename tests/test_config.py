@@ -16,7 +16,7 @@ import yaml
 from erc.errors import ErcDataError
 from erc.training import config
 from erc.training.config import configs_from_params
-from tests.fixtures import INPUTS, make_prepared
+from tests.fixtures import tiny_project
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -122,14 +122,7 @@ def test_distilled_models_need_their_teacher_and_the_others_refuse_one():
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A params file whose dataset `tiny` is prepared (a real canonical dataset) under its data_dir."""
-    tmp = tmp_path_factory.mktemp("config")
-    make_prepared(tmp / "data" / "prepared" / "tiny", kind="emotion")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data_dir"] = str(tmp / "data")
-    params["inputs"]["tiny"] = dict(INPUTS)
-    params["train"].update(storage_path=str(tmp / "ray_results"))
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
-    return tmp
+    return tiny_project(tmp_path_factory.mktemp("config"))
 
 
 @pytest.mark.parametrize("args, culprit, fragment", [

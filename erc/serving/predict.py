@@ -10,8 +10,10 @@ list or numbers separated by spaces) or `<modality>_path` (a .npy file holding t
 `audio_features`. An optional `dialogue_id` column holds several conversations. Text is featurized with the
 encoder recorded with the model's feature set (`erc.features.text`); a modality the file does not give, or a row
 with an empty cell, is missing for the model: its modality mask is False, the model's own missing-modality
-path. Every logged erc model carries its feature-set names, their dims and encoders, and its label names
-(`erc.tracking.MODEL_INFO`), and its feature standardisation in the checkpoint.
+path; a column the model does not read (`video_features` for a text+audio model) is named in a warning, as
+one file may serve models of different inputs. `--out` writes by its suffix: .csv a CSV, .json JSON records,
+any other the terminal's table. Every logged erc model carries its feature-set names, their dims and
+encoders, and its label names (`erc.tracking.MODEL_INFO`), and its feature standardisation in the checkpoint.
 """
 
 from __future__ import annotations
@@ -111,6 +113,15 @@ def modality_features(table: pd.DataFrame, path, loaded: LoadedModel, *, encoder
     return features, present
 
 
+def unused_columns(table: pd.DataFrame, loaded: LoadedModel) -> list[str]:
+    """The input columns that the model does not read: a modality it does not take (`video_features` for a
+    text+audio model, or a misspelt one), or text for a model without text."""
+    inputs = loaded.info["inputs"]
+    return [c for c in table.columns
+            if (c == "text" and "text" not in inputs)
+            or (c.endswith(("_features", "_path")) and c.rsplit("_", 1)[0] not in inputs)]
+
+
 def encode_text(texts: list[str], feature_set: dict, encoder=None) -> np.ndarray:
     """Texts -> vectors with the feature set's recorded encoder (`erc.features.text`); `encoder` = (tokenizer, model)."""
     from erc.features.text import encode_texts, load_encoder
@@ -188,11 +199,22 @@ def to_json(frame: pd.DataFrame, labels: list[str]) -> list[dict]:
     return records
 
 
+FORMATS = {".csv": "csv", ".json": "json"}  # `--out` by suffix; any other is the terminal's table (or --json)
+
+
+def render(frame: pd.DataFrame, labels: list[str], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(to_json(frame, labels), indent=2) + "\n"
+    if fmt == "csv":
+        return frame.to_csv(index=False, float_format="%.6f")
+    return frame.to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n"
+
+
 def main(argv=None) -> None:
     import argparse
     import sys
 
-    from erc.io import write_text
+    from erc.io import check_writable, write_text
 
     parser = argparse.ArgumentParser(prog="erc predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -200,20 +222,26 @@ def main(argv=None) -> None:
     parser.add_argument("--model", required=True,
                         help="an MLflow run id, a registered model name[/version | @alias], or models:/...")
     parser.add_argument("--json", action="store_true", help="JSON records instead of a table")
-    parser.add_argument("--out", help="write here instead of the terminal")
+    parser.add_argument("--out", help="write here instead of the terminal: a .csv file is CSV, a .json file JSON")
     parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     args = parser.parse_args(argv)
+    fmt = FORMATS.get(Path(args.out).suffix.lower(), "table") if args.out else "table"
     try:
-        read_conversation(args.conversation)  # a bad file is reported before the model is fetched
+        if args.out:
+            if args.json and fmt == "csv":
+                raise ErcDataError(args.out, "--json with a .csv file: give a .json file, or leave --json out for CSV")
+            check_writable(args.out)
+        table = read_conversation(args.conversation)  # a bad file is reported before the model is fetched
         loaded = load_model(args.model, args.tracking_uri)
         frame = predict(args.conversation, loaded)
     except ErcDataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    if args.json:
-        text = json.dumps(to_json(frame, loaded.info["labels"]), indent=2) + "\n"
-    else:
-        text = frame.to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n"
+    unused = unused_columns(table, loaded)
+    if unused:  # a warning, not an error: one conversation file may serve models of different inputs
+        print(f"warning: {args.conversation}: the model takes {', '.join(loaded.info['inputs'])} only; "
+              f"ignored: {', '.join(unused)}", file=sys.stderr)
+    text = render(frame, loaded.info["labels"], "json" if args.json else fmt)
     if args.out:
         write_text(args.out, text)
     else:
