@@ -12,13 +12,26 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
 
 from erc.errors import ErcDataError
+from erc.io import check_writable
 from erc.params import load_params, stage_main
-from erc.training.cluster import init_ray
+from erc.schema import check
+from erc.training.cluster import start_ray
 from erc.training.config import check_teacher, configs_from_params, tune_settings
-from erc.training.driver import resolve_locations
-from erc.training.tune import SearchInterrupted, default_name, discard, search, space_for, write_best
+from erc.training.driver import Terminated, on_sigterm, resolve_locations
+from erc.training.tune import (
+    SearchFailed,
+    SearchInterrupted,
+    default_name,
+    discard,
+    search,
+    space_for,
+    write_best,
+)
 
 
 @stage_main
@@ -27,7 +40,7 @@ def main():
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True, help="the best-config file (YAML)")
-    parser.add_argument("--trials", type=int, help="trial budget (default: tune.trials)")
+    parser.add_argument("--trials", help="trial budget, a positive integer (default: tune.trials)")
     parser.add_argument("--name", help="search name, the folder under tune.storage_path (default: tune-<dataset>-<model>)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted search of this name")
     parser.add_argument("--replace", action="store_true",
@@ -37,13 +50,16 @@ def main():
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a param")
     args = parser.parse_args()
 
+    # Every mistake is one line before Ray or an MLflow run starts (`--trials 0` once meant "tune.trials").
+    trials = check(Annotated[int, Field(ge=1)] | None, args.trials, source="command line", prefix="--trials")
+    check_writable(args.out)
     check_teacher(args.model, args.teacher)
     params = load_params(args.params, args.set)
     tune = tune_settings(params, source=args.params)
-    space = space_for(params, args.model, source=args.params)
     overrides = {"teacher_checkpoint": str(Path(args.teacher).resolve())} if args.teacher else None
     (base,) = configs_from_params(params, args.dataset, args.model, source=args.params,
                                   seeds=params["train"]["seeds"][:1], model_overrides=overrides)
+    space = space_for(params, args.model, source=args.params)
     if base.protocol != "validation":
         raise ErcDataError(args.params, f"train.protocol: {base.protocol!r}: a search selects on validation; the "
                                         "paper protocol scores test every epoch and is for pipelines/train.py only")
@@ -52,15 +68,19 @@ def main():
     name = args.name or default_name(args.dataset, args.model)
     if args.replace and not args.resume:
         discard(tune.storage_path, name)
-    init_ray()
+    start_ray(max(base.num_workers, 1), base.use_gpu, needed=True)  # every trial runs on Ray
+    on_sigterm(Terminated.raise_)  # SIGTERM ends the search as Ctrl-C does: its runs KILLED, its state kept
     try:
-        best = search(base, space, trials=args.trials or tune.trials, storage_path=tune.storage_path, name=name,
+        best = search(base, space, trials=trials or tune.trials, storage_path=tune.storage_path, name=name,
                       cpus_per_trial=tune.cpus_per_trial, max_concurrent=tune.max_concurrent,
                       grace_period=tune.grace_period, reduction_factor=tune.reduction_factor, seed=tune.seed,
                       resume=args.resume)
     except SearchInterrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         sys.exit(130)
+    except SearchFailed as e:  # its runs ended FAILED, and nothing left that would refuse the next search
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     command = shlex.join(["python", "pipelines/tune.py", *[a for a in sys.argv[1:] if a != "--resume"]])
     write_best(args.out, dataset=args.dataset, model=args.model, best=best, command=command)
     print(best["table"].sort_values("score", ascending=False).to_string(index=False))

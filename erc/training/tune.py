@@ -18,15 +18,15 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import yaml
 
 from erc.errors import ErcDataError
 from erc.io import atomic_path
-from erc.models import MODELS
-from erc.training.config import SELECT, TrainConfig
+from erc.schema import field_problem
+from erc.training.config import SELECT, TrainConfig, model_schema, train_schema
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 NOT_SEARCHED = {"protocol", "paper_entry", "paper_train_on_valid"}  # a search is erc's protocol, params' own settings
@@ -34,25 +34,54 @@ PARENT_FILE = "mlflow_parent_run.json"  # beside Tune's experiment state: a resu
 
 
 def space_for(params: dict, model: str, source="params.yaml") -> dict:
-    """The search space of `model`: `tune.space.all` then `tune.space.<model>`, checked against the configs."""
+    """The search space of `model`: `tune.space.all` then `tune.space.<model>`, each key checked against its config
+    field with the schema that checks params (every bound or choice in the field's range), before anything starts."""
     spaces = (params.get("tune") or {}).get("space") or {}
-    space = {**(spaces.get("all") or {}), **(spaces.get(model) or {})}
-    train_fields = {f.name for f in fields(TrainConfig)}
-    model_fields = {f.name for f in fields(MODELS[model].Config)}
+    space, section_of = {}, {}
+    for section in ("all", model):
+        for key, spec in (spaces.get(section) or {}).items():
+            space[key], section_of[key] = spec, f"tune.space.{section}"
     for key, spec in space.items():
-        section, _, name = key.partition(".")
-        if not ((section == "train" and name in train_fields) or (section == "model" and name in model_fields)):
-            raise ErcDataError(source, f"tune.space key {key!r} is neither train.<field> nor model.<{model} field>")
-        if section == "train" and name in NOT_SEARCHED:
-            raise ErcDataError(source, f"tune.space key {key!r}: a protocol setting, never searched")
-        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
-            raise ErcDataError(source, f"tune.space {key}: expected one of {DISTRIBUTIONS} with its arguments")
-        kind, args = next(iter(spec.items()))
-        if kind != "choice" and not (isinstance(args, list) and len(args) == 2 and args[0] < args[1]):
-            raise ErcDataError(source, f"tune.space {key}: {kind} needs [low, high] with low < high")
-        if kind == "loguniform" and args[0] <= 0:
-            raise ErcDataError(source, f"tune.space {key}: loguniform needs a positive low bound")
+        problem = space_problem(key, spec, model)
+        if problem:
+            raise ErcDataError(source, f"{section_of[key]}: {key}{problem}")
     return space
+
+
+def space_problem(key: str, spec, model: str) -> str | None:
+    """What is wrong with the distribution `spec` of `key`, worded to follow the key (None: nothing)."""
+    section, _, name = key.partition(".")
+    schema = train_schema() if section == "train" else model_schema(model) if section == "model" else None
+    if name not in getattr(schema, "model_fields", {}):
+        return f" is neither train.<field> nor model.<{model} field>"
+    if section == "train" and name in NOT_SEARCHED:
+        return ": a protocol setting, never searched"
+    if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS):
+        return f": expected one of {DISTRIBUTIONS} with its arguments, got {spec!r}"
+    kind, args = next(iter(spec.items()))
+    if kind == "choice":
+        if not (isinstance(args, list) and args):
+            return f": choice needs a list of options, got {args!r}"
+        values = [("choice", option) for option in args]
+    else:
+        number = int if kind == "randint" else (int, float)
+        if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, number) and not isinstance(a, bool)
+                                                                  for a in args) and args[0] < args[1]):
+            text = any(isinstance(a, str) for a in args) if isinstance(args, list) else False
+            return (f": {kind} needs [low, high] {'integers' if kind == 'randint' else 'numbers'} with low < high, got "
+                    f"{args!r}" + (" (YAML reads 1e-4 as text: write 1.0e-4)" if text else ""))
+        if kind == "loguniform" and args[0] <= 0:
+            return ": loguniform needs a positive low bound"
+        # randint's high is excluded: its largest draw is high - 1
+        values = [("lower bound", args[0]),
+                  ("largest draw", args[1] - 1) if kind == "randint" else ("upper bound", args[1])]
+    for label, value in values:
+        problem = field_problem(schema, name, value)
+        if problem:
+            return f" {label} {problem}"
+    if kind in ("uniform", "loguniform") and field_problem(schema, name, math.nextafter(args[0], args[1])):
+        return f": {kind} draws fractions, and the field takes whole numbers: use randint or choice"
+    return None
 
 
 def to_tune(space: dict) -> dict:
@@ -89,7 +118,8 @@ def run_trial(sample: dict, *, base: dict, parent_run_id: str, storage: str) -> 
     client = mlflow.MlflowClient(cfg.tracking_uri)
     run = client.create_run(tracking.experiment_id(cfg.experiment, cfg.tracking_uri), tags={
         "mlflow.parentRunId": parent_run_id, "mlflow.runName": f"trial {trial}", "role": "tune-trial",
-        "tune_trial_id": trial, "model": cfg.model, "dataset": cfg.dataset, "seed": str(cfg.seed)})
+        "tune_trial_id": trial, "model": cfg.model, "dataset": cfg.dataset, "seed": str(cfg.seed),
+        **tracking.owner_tags()})
     cfg.run_id = run.info.run_id
     tracking.log_params(client, cfg.run_id, {**sample, **{f"config.{k}": v for k, v in tracking.flatten(asdict(cfg)).items()
                                                            if k not in ("run_id", "tracking_uri")}})
@@ -124,73 +154,127 @@ def search(base: TrainConfig, space: dict, *, trials: int, storage_path: str, na
     experiment_dir = storage / name
     client = mlflow.MlflowClient(base.tracking_uri)
     parent_file = storage / f"{name}.{PARENT_FILE}"
-    restoring = resume and tune.Tuner.can_restore(str(experiment_dir))
+    running = running_parent(client, parent_file)
+    if running:  # its folder may hold no state yet: it must not be taken for a killed search's leftovers
+        raise ErcDataError(experiment_dir, f"a search of this name is running (process "
+                                           f"{running.data.tags.get('driver_pid')}): wait for it or choose another name")
+    restoring = resume and resumable(experiment_dir)
     if restoring:
         parent_run_id = json.loads(parent_file.read_text())["parent_run_id"]
-        # Trials cut off by the interruption start again under new runs.
-        for run in client.search_runs([client.get_run(parent_run_id).info.experiment_id],
-                                      f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
-            client.set_tag(run.info.run_id, "tune_interrupted", "true")
-            client.set_terminated(run.info.run_id, "KILLED")
+        close_trials(client, parent_run_id, "KILLED")
+        for tag, value in tracking.owner_tags().items():  # this process holds it now (the sweep judges by them)
+            client.set_tag(parent_run_id, tag, value)
     else:
-        if experiment_dir.exists():
+        if resumable(experiment_dir):
             raise ErcDataError(experiment_dir, "a search of this name exists: resume it or choose another name")
+        discard(storage, name)  # a folder without a saved search (one killed as it began): nothing to resume
         parent = client.create_run(tracking.experiment_id(base.experiment, base.tracking_uri), tags={
             "mlflow.runName": f"tune {base.dataset}/{base.model}", "role": "tune", "model": base.model,
-            "dataset": base.dataset, "tune_name": name})
+            "dataset": base.dataset, "tune_name": name, **tracking.owner_tags()})
         parent_run_id = parent.info.run_id
-        storage.mkdir(parents=True, exist_ok=True)
-        parent_file.write_text(json.dumps({"parent_run_id": parent_run_id}))
-        client.log_dict(parent_run_id, space, "search_space.json")
-        for key, value in {"trials": trials, "cpus_per_trial": cpus_per_trial, "max_concurrent": max_concurrent,
-                           "grace_period": grace_period,
-                           "reduction_factor": reduction_factor, "search_seed": seed, "objective": SELECT,
-                           "scheduler": "ASHA", "search_alg": "Optuna TPE", "train_seed": base.seed,
-                           "epochs": base.epochs}.items():
-            client.log_param(parent_run_id, key, value)
-    client.update_run(parent_run_id, "RUNNING")
-
-    # A single-worker trial trains in the trial function itself, which holds all of cpus_per_trial; a multi-worker
-    # trial's function (0.1 CPU) starts workers that share what is left.
-    trial_cpus = cpus_per_trial if base.num_workers <= 1 else 0.1
-    worker_cpus = cpus_per_trial if base.num_workers <= 1 else max(0.1, (cpus_per_trial - 0.1) / base.num_workers)
-    base = replace(base, cpus_per_worker=worker_cpus)
-    total_cpus = ray.cluster_resources().get("CPU", 1)
-    concurrent = max_concurrent or max(1, int(total_cpus // cpus_per_trial))
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=asdict(base), parent_run_id=parent_run_id, storage=str(storage / "train")),
-        {"CPU": trial_cpus})
-    if restoring:
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, restart_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=to_tune(space),
-            tune_config=tune.TuneConfig(
-                metric=SELECT, mode="max", num_samples=trials,
-                # max_t past the last epoch: a trial that is not stopped ends by itself and closes its own run,
-                # rather than being stopped by Tune at max_t in the middle of that.
-                scheduler=ASHAScheduler(max_t=base.epochs + 1, grace_period=grace_period,
-                                        reduction_factor=reduction_factor),
-                search_alg=ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrent),
-                # A single-worker trial trains in its own actor: the next trial reuses it, imports and data loaded.
-                reuse_actors=base.num_workers <= 1),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
-        )
     try:
+        if not restoring:
+            storage.mkdir(parents=True, exist_ok=True)
+            parent_file.write_text(json.dumps({"parent_run_id": parent_run_id}))
+            client.log_dict(parent_run_id, space, "search_space.json")
+            for key, value in {"trials": trials, "cpus_per_trial": cpus_per_trial, "max_concurrent": max_concurrent,
+                               "grace_period": grace_period,
+                               "reduction_factor": reduction_factor, "search_seed": seed, "objective": SELECT,
+                               "scheduler": "ASHA", "search_alg": "Optuna TPE", "train_seed": base.seed,
+                               "epochs": base.epochs}.items():
+                client.log_param(parent_run_id, key, value)
+        client.update_run(parent_run_id, "RUNNING")
+
+        # A single-worker trial trains in the trial function itself, which holds all of cpus_per_trial; a
+        # multi-worker trial's function (0.1 CPU) starts workers that share what is left.
+        trial_cpus = cpus_per_trial if base.num_workers <= 1 else 0.1
+        worker_cpus = cpus_per_trial if base.num_workers <= 1 else max(0.1, (cpus_per_trial - 0.1) / base.num_workers)
+        base = replace(base, cpus_per_worker=worker_cpus)
+        total_cpus = ray.cluster_resources().get("CPU", 1)
+        concurrent = max_concurrent or max(1, int(total_cpus // cpus_per_trial))
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, base=asdict(base), parent_run_id=parent_run_id,
+                                 storage=str(storage / "train")),
+            # a single-worker trial trains in its own process, which must hold the GPU it asks for
+            {"CPU": trial_cpus, **({"GPU": 1} if base.use_gpu and base.num_workers <= 1 else {})})
+        if restoring:
+            tuner = tune.Tuner.restore(str(experiment_dir), trainable, resume_unfinished=True, restart_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=to_tune(space),
+                tune_config=tune.TuneConfig(
+                    metric=SELECT, mode="max", num_samples=trials,
+                    # max_t past the last epoch: a trial that is not stopped ends by itself and closes its own run,
+                    # rather than being stopped by Tune at max_t in the middle of that. A grace period past max_t
+                    # (which ASHA refuses) means what max_t means: no trial stopped early.
+                    scheduler=ASHAScheduler(max_t=base.epochs + 1, grace_period=min(grace_period, base.epochs + 1),
+                                            reduction_factor=reduction_factor),
+                    search_alg=ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrent),
+                    # A single-worker trial trains in its own actor: the next trial reuses it, imports and data loaded.
+                    reuse_actors=base.num_workers <= 1),
+                run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
+            )
         results = tuner.fit()
-    except KeyboardInterrupt:
-        raise SearchInterrupted(name, 0, trials) from None
-    done = results.num_terminated + results.num_errors
-    if done < trials:  # Ctrl-C: Tune saved the search and returned early
-        raise SearchInterrupted(name, done, trials)
-    return summarise(client, parent_run_id, results, list(space), name, base.epochs)
+        done = results.num_terminated + results.num_errors
+        if done < trials:  # Ctrl-C: Tune saved the search and returned early
+            raise SearchInterrupted(name, done, trials)
+        return summarise(client, parent_run_id, results, list(space), name, base.epochs)
+    except BaseException as e:
+        # No run is left RUNNING, and no folder that would refuse the next search of this name unless it holds a
+        # state to resume: an interrupted search's, or the state that a failed resume started from.
+        interrupted = isinstance(e, (KeyboardInterrupt, SearchInterrupted))
+        status = "KILLED" if interrupted else "FAILED"
+        close_trials(client, parent_run_id, status)
+        client.set_terminated(parent_run_id, status)
+        kept = (interrupted or restoring) and resumable(experiment_dir)
+        if not kept:
+            discard(storage, name)
+        if isinstance(e, KeyboardInterrupt) or (interrupted and not kept):
+            raise SearchInterrupted(name, getattr(e, "done", 0), trials, kept) from None
+        raise
+
+
+def running_parent(client, parent_file: Path):
+    """The parent run of the search whose pointer is `parent_file`, where it is RUNNING in a live process."""
+    from erc import tracking
+
+    if not parent_file.is_file():
+        return None
+    try:
+        run = client.get_run(json.loads(parent_file.read_text())["parent_run_id"])
+    except Exception:  # a pointer to another store, or a torn file: no search of this store runs by it
+        return None
+    return run if run.info.status == "RUNNING" and tracking.owner_alive(run) else None
+
+
+def resumable(experiment_dir: Path) -> bool:
+    """Tune saved a search here that `--resume` continues: its tuner, and the experiment state that Tune writes once
+    the search runs (the tuner alone, written as the search is set up, cannot be resumed: Tune refuses it)."""
+    from ray import tune
+
+    return tune.Tuner.can_restore(str(experiment_dir)) and any(experiment_dir.glob("experiment_state-*.json"))
+
+
+def close_trials(client, parent_run_id: str, status: str) -> None:
+    """End the trial runs left open under the parent, cut off by an interruption or a failure; tagged so that
+    `summarise` leaves them be (a resumed search trains such a trial again, under a new run)."""
+    for run in client.search_runs([client.get_run(parent_run_id).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
+        client.set_tag(run.info.run_id, "tune_interrupted", "true")
+        client.set_terminated(run.info.run_id, status)
 
 
 class SearchInterrupted(Exception):
-    def __init__(self, name: str, done: int, trials: int):
-        super().__init__(f"search {name} interrupted after {done} of {trials} trials; "
-                         "run the same command with --resume to finish it")
+    def __init__(self, name: str, done: int, trials: int, resumable: bool = True):
+        self.done = done
+        super().__init__(f"search {name} interrupted after {done} of {trials} trials; " + (
+            "run the same command with --resume to finish it" if resumable else
+            "it saved nothing to resume: run the same command to start it again"))
+
+
+class SearchFailed(Exception):
+    """A search that ended without a best config (no trial reported a score): one line, with the first trial error."""
 
 
 def summarise(client, parent_run_id: str, results, keys: list[str], name: str, epochs: int) -> dict:
@@ -204,7 +288,7 @@ def summarise(client, parent_run_id: str, results, keys: list[str], name: str, e
         row.update(trial_id=metrics.get("trial_id", ""), score=metrics.get("best_" + SELECT, math.nan),
                    epochs=metrics.get("training_iteration", 0), error=result.error is not None)
         rows.append(row)
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=[*keys, "trial_id", "score", "epochs", "error"])  # columns even for no trial
     # Tune ends a trial that reaches max_t (all epochs) or that ASHA stops by interrupting it, so its own
     # closing of the run may be missing or say FAILED; Tune's outcome decides.
     outcome = {row.trial_id: row for row in table.itertuples()}
@@ -223,9 +307,10 @@ def summarise(client, parent_run_id: str, results, keys: list[str], name: str, e
         if run.info.status != status:
             client.set_terminated(run.info.run_id, status)
     scored = table[table["score"].notna()]
-    if scored.empty:
-        client.set_terminated(parent_run_id, "FAILED")
-        raise RuntimeError(f"search {name}: no trial reported a validation score")
+    if scored.empty:  # `search` ends the parent run FAILED as it does for any error
+        errors = [result.error for result in results if result.error is not None]
+        first = f"; the first trial error: {_last_line(errors[0])}" if errors else ""
+        raise SearchFailed(f"search {name}: no trial reported a validation score ({len(table)} trials){first}")
     best = scored.loc[scored["score"].idxmax()]
     best_config = {k: _plain(best[k]) for k in keys}
     for key, value in best_config.items():
@@ -243,6 +328,12 @@ def summarise(client, parent_run_id: str, results, keys: list[str], name: str, e
     client.set_terminated(parent_run_id, "FINISHED")
     return {"config": best_config, "score": float(best["score"]), "parent_run_id": parent_run_id,
             "trials": len(table), "table": table}
+
+
+def _last_line(error) -> str:
+    """An exception in one line: a trial's error reaches the driver with its whole traceback in its text."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
 
 
 def _plain(value):
