@@ -94,3 +94,27 @@ def test_a_one_seed_step_has_no_interval():
     second, p2 = step("tuned", 0.6, offset=3)
     table = gap.row_table(gap.Row("sdt", "iemocap", 74.08, "paper", [first, second]), {**p1, **p2}, replicates=100)
     assert table["interval"].iloc[2] == "none (one seed)" and np.isnan(table["low"].iloc[2])
+
+
+def test_a_row_without_a_published_figure_starts_at_its_first_run_and_states_its_test_selection(tmp_path):
+    paper, p1 = step("paper protocol", 0.9)
+    (tmp_path / "paper.json").write_text(json.dumps({"runs": paper.runs}))
+    spec = tmp_path / "gap.yaml"
+    spec.write_text("rows:\n- {model: summer, dataset: meld, published: null, source: 'arXiv 2503.23721: not found',\n"
+                    "   steps: [{name: best, runs: paper.json}, {name: last, runs: paper.json, metric: last_test_wf1}]}\n")
+    [row] = gap.load_rows(spec)
+    assert np.isnan(row.published)
+    table = gap.row_table(row, p1, replicates=200)
+    assert table["step"].iloc[0].startswith("no published figure") and np.isnan(table["change"].iloc[1])
+    assert table["interval"].iloc[1] == ""  # no remainder without a figure to subtract from
+    text = gap.to_markdown([row], [table])
+    assert "| nan" not in text and "remainder" not in text.split("## summer on meld")[1].split("## What")[0]
+    inflation = gap.selection_inflation([row], replicates=200)
+    assert inflation["inflation"].tolist() == pytest.approx([1.0])  # every seed's last epoch is one point lower
+    assert inflation["low"].iloc[0] == pytest.approx(1.0) and inflation["high"].iloc[0] == pytest.approx(1.0)
+    assert "## What picking the epoch on test adds" in text and "| summer | meld | best | 3 |" in text
+
+
+def test_rows_without_a_paper_protocol_step_state_no_inflation():
+    tuned, p = step("tuned", 0.6)
+    assert gap.selection_inflation([gap.Row("sdt", "meld", 66.6, "paper", [tuned])]).empty

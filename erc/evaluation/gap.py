@@ -1,6 +1,7 @@
 """From a paper's figure down to erc's leaderboard row, one measured step at a time (`reports/gap.md`).
 
-A row is one (model, dataset) with a published figure. Its steps are groups of erc runs (the seeds of one
+A row is one (model, dataset), with its published figure where one was found (`published: null` where none was:
+the row then starts at its first erc step and has no remainder). Its steps are groups of erc runs (the seeds of one
 configuration, a train command's run list), each differing from the one before in one thing: the official
 configuration under the paper protocol (best test epoch), the same run's last epoch, the same configuration selected
 on validation, erc's widths, erc's tuned configuration (the leaderboard row). A step's figure is its seed mean; the
@@ -47,8 +48,8 @@ class Step:
 class Row:
     model: str
     dataset: str
-    published: float
-    source: str  # where the published figure comes from
+    published: float  # NaN where no published figure was found
+    source: str  # where the published figure comes from (or where it was looked for)
     steps: list[Step] = field(default_factory=list)
     remainder: str = ""  # what the first step cannot include, with the papers' own ablations
 
@@ -75,7 +76,8 @@ def load_rows(spec_path) -> list[Row]:
                 if missing:
                     raise ErcDataError(runs_file, f"runs {missing} have no {step.metric}")
                 steps.append(step)
-            rows.append(Row(entry["model"], entry["dataset"], float(entry["published"]), entry["source"], steps,
+            published = np.nan if entry["published"] is None else float(entry["published"])
+            rows.append(Row(entry["model"], entry["dataset"], published, entry["source"], steps,
                             entry.get("remainder", "")))
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise ErcDataError(path, f"rows[{i}]: {type(e).__name__}: {e}") from None
@@ -124,7 +126,9 @@ def confusions_of(steps: list[Step], predictions: dict[str, pd.DataFrame]) -> di
 def row_table(row: Row, predictions: dict[str, pd.DataFrame], *, replicates: int = REPLICATES) -> pd.DataFrame:
     """One line per step: seeds, mean, std, and the difference to the line before with its interval."""
     confusions = confusions_of([s for s in row.steps if s.metric == "test_wf1"], predictions)
-    out = [{"step": f"published ({row.source})", "seeds": "", "val": np.nan, "wf1": row.published, "std": np.nan,
+    found = not np.isnan(row.published)
+    out = [{"step": f"published ({row.source})" if found else f"no published figure ({row.source})", "seeds": "",
+            "val": np.nan, "wf1": row.published, "std": np.nan,
             "change": np.nan, "low": np.nan, "high": np.nan, "interval": ""}]
     previous = None
     for step in row.steps:
@@ -133,7 +137,8 @@ def row_table(row: Row, predictions: dict[str, pd.DataFrame], *, replicates: int
                 "wf1": float(np.mean(list(values.values()))),
                 "std": float(np.std(list(values.values()), ddof=1)) if len(values) > 1 else np.nan}
         if previous is None:
-            line.update(change=line["wf1"] - row.published, low=np.nan, high=np.nan, interval="remainder")
+            line.update(change=line["wf1"] - row.published, low=np.nan, high=np.nan,
+                        interval="remainder" if found else "")
         else:
             line["change"] = line["wf1"] - out[-1]["wf1"]
             both = [previous, step]
@@ -170,8 +175,40 @@ def to_markdown(rows: list[Row], tables: list[pd.DataFrame]) -> str:
             std = "" if np.isnan(t["std"]) else f"{t['std']:.2f}"
             change = "" if np.isnan(t["change"]) else f"{t['change']:+.2f}"
             val = "" if np.isnan(t["val"]) else f"{t['val']:.2f}"
-            lines.append(f"| {t['step']} | {t['seeds']} | {val} | {t['wf1']:.2f} | {std} | {change} | {interval} |")
+            wf1 = "" if np.isnan(t["wf1"]) else f"{t['wf1']:.2f}"
+            lines.append(f"| {t['step']} | {t['seeds']} | {val} | {wf1} | {std} | {change} | {interval} |")
         if row.remainder:
-            lines += ["", f"Remainder: {row.remainder}"]
+            label = "Remainder" if not np.isnan(row.published) else "Beyond these runs"
+            lines += ["", f"{label}: {row.remainder}"]
+        lines.append("")
+    inflation = selection_inflation(rows)
+    if len(inflation):
+        lines += ["## What picking the epoch on test adds", "",
+                  "Per row with a paper-protocol step: the best test epoch's weighted F1 minus the last epoch's, "
+                  "the same runs (no selection at all); 95% interval over the seeds, paired.", "",
+                  "| model | dataset | step | seeds | best test epoch | last epoch | inflation | 95% interval |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for _, t in inflation.iterrows():
+            lines.append(f"| {t['model']} | {t['dataset']} | {t['step']} | {t['seeds']} | {t['best']:.2f} | "
+                         f"{t['last']:.2f} | {t['inflation']:+.2f} | [{t['low']:+.2f}, {t['high']:+.2f}] |")
         lines.append("")
     return "\n".join(lines)
+
+
+def selection_inflation(rows: list[Row], *, replicates: int = REPLICATES) -> pd.DataFrame:
+    """Per row, best test epoch minus last epoch for every step read as test_wf1 whose runs another step reads as
+    last_test_wf1: the inflation from selecting the epoch on test alone."""
+    out = []
+    for row in rows:
+        for best in (s for s in row.steps if s.metric == "test_wf1"):
+            ids = [r["run_id"] for r in best.runs]
+            last = next((s for s in row.steps if s.metric == "last_test_wf1" and [r["run_id"] for r in s.runs] == ids),
+                        None)
+            if last is None:
+                continue
+            b, l = list(best.values.values()), list(last.values.values())
+            low, high = seed_interval(l, b, paired=True, replicates=replicates)
+            out.append({"model": row.model, "dataset": row.dataset, "step": best.name, "seeds": len(b),
+                        "best": float(np.mean(b)), "last": float(np.mean(l)), "inflation": float(np.mean(b) - np.mean(l)),
+                        "low": low, "high": high})
+    return pd.DataFrame(out, columns=["model", "dataset", "step", "seeds", "best", "last", "inflation", "low", "high"])
