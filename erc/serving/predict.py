@@ -2,23 +2,35 @@
 
     erc predict conversation.csv --model erc-iemocap-mister_e@best          # a registered model and alias
     erc predict conversation.jsonl --model erc-meld-sdt/3 --json            # ... and version, as JSON
-    erc predict conversation.csv --model 0f3c...e1                          # an MLflow run id
+    erc predict conversation.csv --model 0f3c...e1 --out predictions.jsonl  # an MLflow run id, to a file
 
 The conversation is a CSV or JSONL file, one utterance per row in turn order: `speaker` and `text`, and
 optionally precomputed features per modality, `<modality>_features` (a list of numbers; in a CSV cell a JSON
 list or numbers separated by spaces) or `<modality>_path` (a .npy file holding the vector), e.g.
 `audio_features`. An optional `dialogue_id` column holds several conversations. Text is featurized with the
-encoder recorded with the model's feature set (`erc.features.text`); a modality the file does not give, or a row
-with an empty cell, is missing for the model: its modality mask is False, the model's own missing-modality
-path; a column the model does not read (`video_features` for a text+audio model) is named in a warning, as
-one file may serve models of different inputs. `--out` writes by its suffix: .csv a CSV, .json JSON records,
-any other the terminal's table. Every logged erc model carries its feature-set names, their dims and
-encoders, and its label names (`erc.tracking.MODEL_INFO`), and its feature standardisation in the checkpoint.
+encoder recorded with the model's feature set (`erc.features.text`), cut to its max_length tokens (a note on
+stderr says how many texts were); a modality the file does not give, or a row with an empty cell, is missing
+for the model: its modality mask is False, the model's own missing-modality path; a column the model does not
+read (`video_features` for a text+audio model) is named in a warning, as one file may serve models of different
+inputs. Every logged erc model carries its feature-set names, their dims and encoders, and its label names
+(`erc.tracking.MODEL_INFO`), and its feature standardisation in the checkpoint.
+
+The terminal gets a table for people: one line per utterance, the text cut to the terminal's width (COLUMNS, or
+120 when not a terminal), the emotion and its probabilities. Full texts, every probability and the gates go to
+`--out` (by suffix: .csv, .json records, .jsonl one record a line) or, with `--json`, to stdout. The input is
+predicted and written dialogue by dialogue, in batches of about BATCH_UTTERANCES utterances, so memory is
+bounded by the model and one batch whatever the input's size or its longest text; a file is written beside
+its target and moved into place when complete.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
+import time
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +40,10 @@ from erc.data.dialogues import IGNORE, Dialogue, DialogueData, speaker_index
 from erc.errors import ErcDataError
 from erc.models.checkpoint import LoadedModel, load_model
 from erc.evaluation.inference import Outputs, infer
+
+BATCH_UTTERANCES = 1024  # whole dialogues are gathered up to this many utterances per encode-and-predict step
+PROGRESS_UTTERANCES = 5000  # an input this large gets a progress line on stderr
+PROGRESS_EVERY_SECONDS = 10.0  # not on a terminal: the least time between two progress lines
 
 # ---------------------------------------------------------------- reading the conversation
 
@@ -39,7 +55,7 @@ def read_conversation(path) -> pd.DataFrame:
         raise ErcDataError(path, "no such file")
     if path.suffix.lower() not in (".csv", ".jsonl", ".json"):
         raise ErcDataError(path, f"unknown format {path.suffix!r}: give a .csv or .jsonl file")
-    if not path.read_text(errors="replace").strip():
+    if _blank(path):
         raise ErcDataError(path, "empty conversation: no utterances")
     try:
         if path.suffix.lower() == ".csv":
@@ -55,6 +71,15 @@ def read_conversation(path) -> pd.DataFrame:
     if "dialogue_id" not in table:
         table["dialogue_id"] = "conversation"
     return table.reset_index(drop=True)
+
+
+def _blank(path: Path) -> bool:
+    """Nothing but whitespace in the file, read in blocks (not the whole file at once)."""
+    with open(path, "rb") as f:
+        while block := f.read(1 << 16):
+            if block.strip():
+                return False
+    return True
 
 
 def _vector(value, path, row: int, column: str) -> np.ndarray | None:
@@ -76,8 +101,11 @@ def _vector(value, path, row: int, column: str) -> np.ndarray | None:
     return vector
 
 
-def modality_features(table: pd.DataFrame, path, loaded: LoadedModel, *, encoder=None):
-    """{modality: (N, D) raw features}, {modality: (N,) present} for the modalities the model takes."""
+def modality_features(table: pd.DataFrame, path, loaded: LoadedModel, *, encoder=None, encode: bool = True,
+                      truncated: list | None = None):
+    """{modality: (N, D) raw features}, {modality: (N,) present} for the modalities the model takes. `table` may be
+    a part of the file (its index the file's rows, for messages); `encode=False` checks the cells and gives the
+    presence only (text not encoded, its values zero); `truncated` gets the count of texts cut for the encoder."""
     features, present = {}, {}
     for modality, name in loaded.info["inputs"].items():
         fs = loaded.info["feature_sets"][name]
@@ -85,32 +113,38 @@ def modality_features(table: pd.DataFrame, path, loaded: LoadedModel, *, encoder
         columns = [c for c in (f"{modality}_features", f"{modality}_path") if c in table]
         if columns:
             values, has = np.zeros((len(table), dim), dtype=np.float32), np.zeros(len(table), dtype=bool)
-            for i in range(len(table)):
-                vector = next((v for c in columns if (v := _vector(table[c].iloc[i], path, i, c)) is not None), None)
+            for i, row in enumerate(table.index):
+                vector = next((v for c in columns if (v := _vector(table[c].iloc[i], path, row, c)) is not None), None)
                 if vector is None:
                     continue
                 if vector.shape[0] != dim:
-                    raise ErcDataError(path, f"row {i + 1}: {modality} features have {vector.shape[0]} values; the "
+                    raise ErcDataError(path, f"row {row + 1}: {modality} features have {vector.shape[0]} values; the "
                                              f"model's {modality} feature set {name!r} has {dim}")
                 if not np.isfinite(vector).all():
-                    raise ErcDataError(path, f"row {i + 1}: {modality} features contain NaN/inf")
+                    raise ErcDataError(path, f"row {row + 1}: {modality} features contain NaN/inf")
                 values[i], has[i] = vector, True
         elif modality == "text" and fs.get("model"):
             if "text" not in table:
                 raise ErcDataError(path, f"no 'text' column (the model reads text through {fs['model']})")
             texts = table["text"].fillna("").astype(str).tolist()
-            values, has = encode_text(texts, fs, encoder), np.array([bool(t.strip()) for t in texts])
-            if values.shape[1] != dim:
-                raise ErcDataError(path, f"text encoder {fs['model']} gives {values.shape[1]}-d vectors; "
-                                         f"the model's feature set {name!r} has {dim}")
+            has = np.array([bool(t.strip()) for t in texts])
+            if not encode:
+                values = np.zeros((len(table), dim), dtype=np.float32)
+            else:
+                values = encode_text(texts, fs, encoder, truncated=truncated)
+                if values.shape[1] != dim:
+                    raise ErcDataError(path, f"text encoder {fs['model']} gives {values.shape[1]}-d vectors; "
+                                             f"the model's feature set {name!r} has {dim}")
         else:  # not given and not computable here: missing for every utterance (the mask path)
             values, has = np.zeros((len(table), dim), dtype=np.float32), np.zeros(len(table), dtype=bool)
         features[modality], present[modality] = values, has
-    if not any(h.any() for h in present.values()):
-        wanted = ", ".join(f"{m}_features" for m in loaded.info["inputs"])
-        raise ErcDataError(path, f"no input the model can use: give one of {wanted}"
-                                 + (" or text" if "text" in loaded.info["inputs"] else ""))
     return features, present
+
+
+def no_usable_input(path, loaded: LoadedModel) -> ErcDataError:
+    wanted = ", ".join(f"{m}_features" for m in loaded.info["inputs"])
+    return ErcDataError(path, f"no input the model can use: give one of {wanted}"
+                              + (" or text" if "text" in loaded.info["inputs"] else ""))
 
 
 def unused_columns(table: pd.DataFrame, loaded: LoadedModel) -> list[str]:
@@ -122,14 +156,40 @@ def unused_columns(table: pd.DataFrame, loaded: LoadedModel) -> list[str]:
             or (c.endswith(("_features", "_path")) and c.rsplit("_", 1)[0] not in inputs)]
 
 
-def encode_text(texts: list[str], feature_set: dict, encoder=None) -> np.ndarray:
-    """Texts -> vectors with the feature set's recorded encoder (`erc.features.text`); `encoder` = (tokenizer, model)."""
+def text_encoder(table: pd.DataFrame, loaded: LoadedModel):
+    """(tokenizer, model) of the text feature set the model encodes itself, loaded once; None if it has none."""
+    from erc.features.text import load_encoder
+
+    name = loaded.info["inputs"].get("text")
+    fs = loaded.info["feature_sets"].get(name, {}) if name else {}
+    if not fs.get("model") or "text_features" in table or "text_path" in table:
+        return None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its weight-loading bar is noise on a prediction's stderr
+    return load_encoder(fs["model"])
+
+
+def encode_text(texts: list[str], feature_set: dict, encoder=None, *, truncated: list | None = None) -> np.ndarray:
+    """Texts -> vectors with the feature set's recorded encoder (`erc.features.text`); `encoder` = (tokenizer, model).
+    `truncated` (a one-item list) adds the number of texts longer than the encoder's max_length tokens."""
     from erc.features.text import encode_texts, load_encoder
 
     tokenizer, model = encoder or load_encoder(feature_set["model"])
-    values, _ = encode_texts(texts, tokenizer, model, max_length=feature_set.get("max_length", 128),
+    max_length = feature_set.get("max_length", 128)
+    if truncated is not None:
+        truncated[0] += count_truncated(texts, tokenizer, max_length)
+    values, _ = encode_texts(texts, tokenizer, model, max_length=max_length,
                              pooling=feature_set.get("pooling", "mean"), progress=False)
     return values
+
+
+def count_truncated(texts: list[str], tokenizer, max_length: int) -> int:
+    """How many texts have more than `max_length` tokens (special tokens included, as the encoder counts them).
+
+    Tokenized with the limit one higher, so that a long text's token list is never held whole."""
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length + 1, add_special_tokens=True)["input_ids"]
+    return sum(len(x) > max_length for x in ids)
 
 
 def conversation_data(table: pd.DataFrame, features: dict, present: dict, stats: dict, inputs: dict,
@@ -148,6 +208,22 @@ def conversation_data(table: pd.DataFrame, features: dict, present: dict, stats:
         dialogues.append(Dialogue(rows, speakers, np.full(n, IGNORE), np.full(n, IGNORE),
                                   np.full(n, np.nan, dtype=np.float32)))
     return DialogueData(dialogues, standard, present)
+
+
+def parts(table: pd.DataFrame, size: int | None = None) -> list[np.ndarray]:
+    """The file's rows in parts of whole dialogues, each of about `size` utterances (one longer dialogue alone), in
+    the file's order within a part."""
+    size = size or BATCH_UTTERANCES
+    out, current, count = [], [], 0
+    for rows in table.groupby("dialogue_id", sort=False).indices.values():
+        if current and count + len(rows) > size:
+            out.append(np.sort(np.concatenate(current)))
+            current, count = [], 0
+        current.append(rows)
+        count += len(rows)
+    if current:
+        out.append(np.sort(np.concatenate(current)))
+    return out
 
 
 # ---------------------------------------------------------------- predicting
@@ -169,15 +245,51 @@ def to_frame(table: pd.DataFrame, outputs: Outputs, labels: list[str]) -> pd.Dat
     return out
 
 
+def check_conversation(table: pd.DataFrame, path, loaded: LoadedModel, size: int | None = None) -> None:
+    """Every cell and speaker the model reads checked before any prediction (a bad row 90,000 is found before
+    row 1 is printed); the vectors are parsed again when predicted, not kept: memory stays one part's."""
+    usable = False
+    for rows in parts(table, size):
+        part = table.iloc[rows]
+        _, present = modality_features(part, path, loaded, encode=False)
+        usable = usable or any(h.any() for h in present.values())
+        names = loaded.info.get("speaker_names")
+        if names is not None:
+            for who in part.groupby("dialogue_id", sort=False)["speaker"]:
+                speaker_index(who[1].to_numpy(), names, str(path))
+    if not usable:
+        raise no_usable_input(path, loaded)
+
+
+def predict_parts(table: pd.DataFrame, path, loaded: LoadedModel, *, encoder=None, size: int | None = None,
+                  truncated: list | None = None, progress=None):
+    """Yield the predictions part by part (whole dialogues, about `size` utterances each), in the file's order of
+    dialogues; `progress(done, total)` after each part. `table` is `read_conversation`'s, checked."""
+    done = 0
+    for rows in parts(table, size):
+        part = table.iloc[rows]
+        features, present = modality_features(part, path, loaded, encoder=encoder, truncated=truncated)
+        part = part.reset_index(drop=True)
+        data = conversation_data(part, features, present, loaded.stats, loaded.info["inputs"],
+                                 loaded.info.get("speaker_names"), source=str(path))
+        yield to_frame(part, infer(loaded.model, data), loaded.info["labels"])
+        done += len(rows)
+        if progress is not None:
+            progress(done, len(table))
+
+
 def predict(conversation, model: str | LoadedModel, *, tracking_uri: str | None = None, encoder=None) -> pd.DataFrame:
     """Each utterance of `conversation` (a CSV/JSONL path) with the emotion `model` predicts (a run id, a registered
     name with /version or @alias, models:/..., or a `load_model` result), its class probabilities and gates."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model, tracking_uri)
     table = read_conversation(conversation)
-    features, present = modality_features(table, conversation, loaded, encoder=encoder)
-    data = conversation_data(table, features, present, loaded.stats, loaded.info["inputs"],
-                             loaded.info.get("speaker_names"), source=str(conversation))
-    return to_frame(table, infer(loaded.model, data), loaded.info["labels"])
+    check_conversation(table, conversation, loaded)
+    encoder = encoder or text_encoder(table, loaded)
+    frames = list(predict_parts(table, conversation, loaded, encoder=encoder))
+    return pd.concat(frames, ignore_index=True)
+
+
+# ---------------------------------------------------------------- writing
 
 
 def to_json(frame: pd.DataFrame, labels: list[str]) -> list[dict]:
@@ -199,41 +311,170 @@ def to_json(frame: pd.DataFrame, labels: list[str]) -> list[dict]:
     return records
 
 
-FORMATS = {".csv": "csv", ".json": "json"}  # `--out` by suffix; any other is the terminal's table (or --json)
+FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl"}  # `--out` by suffix
 
 
-def render(frame: pd.DataFrame, labels: list[str], fmt: str) -> str:
+def _cells(ch: str) -> int:
+    """Terminal cells of one character: 2 for East Asian wide ones, 0 for combining marks."""
+    if unicodedata.combining(ch):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+
+
+def fit(value, width: int) -> str:
+    """`value` on one line in at most `width` terminal cells: whitespace and control characters as spaces, cut
+    with an ellipsis. Looks at the first few `width`s of characters only, whatever the text's length."""
+    text = str(value)
+    head = "".join(" " if ch.isspace() or unicodedata.category(ch)[0] == "C" else ch for ch in text[:4 * width + 4])
+    out, used = [], 0
+    for ch in head:
+        if used + _cells(ch) > width:
+            break
+        out.append(ch)
+        used += _cells(ch)
+    else:
+        if len(text) <= len(head):
+            return head
+    while out and used + 1 > width:  # room for the ellipsis
+        used -= _cells(out.pop())
+    return "".join(out) + "…" if width > 0 else ""
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - sum(map(_cells, text)))
+
+
+def terminal_width(stream=None) -> int:
+    """The terminal's columns; when `stream` is not a terminal, COLUMNS, else 120."""
+    stream = stream or sys.stdout
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        try:
+            return max(int(os.environ.get("COLUMNS", "")), 20)
+        except ValueError:
+            return 120
+    return max(shutil.get_terminal_size((120, 24)).columns, 20)
+
+
+class Table:
+    """The terminal's table, written part by part: one line per utterance within `width` cells. Columns: the
+    dialogue (when the file has several), the speaker, the text cut to the room left, the
+    emotion, and every class's probability when they leave the text 30 cells, else the emotion's alone."""
+
+    def __init__(self, table: pd.DataFrame, labels: list[str], width: int, *, dialogues: bool):
+        self.labels, self.width = labels, width
+        def cap(column: str, most: int) -> int:
+            return min(max(len(column), *(len(str(v)) for v in table[column].unique()[:10_000])), most)
+
+        self.columns = ([("dialogue_id", cap("dialogue_id", 16))] if dialogues else []) + [("speaker", cap("speaker", 12))]
+        self.emotion = max(len("emotion"), *map(len, labels))
+        fixed = sum(w + 2 for _, w in self.columns) + self.emotion
+        every = sum(max(5, len(label)) + 2 for label in labels)
+        self.all_p = width - fixed - every - 2 >= 30
+        self.p = [(f"p_{label}", label, max(5, len(label))) for label in labels] if self.all_p else [("p", "p", 5)]
+        self.text = max(width - fixed - sum(w + 2 for *_, w in self.p) - 2, 1)
+
+    def line(self, cells: list[tuple[str, int]]) -> str:
+        return fit("  ".join(_pad(fit(v, w), w) for v, w in cells).rstrip(), self.width)
+
+    def header(self) -> str:
+        cells = [(name, w) for name, w in self.columns] + [("text", self.text), ("emotion", self.emotion)]
+        cells += [(head, w) for _, head, w in self.p]
+        return self.line(cells) + "\n"
+
+    def rows(self, frame: pd.DataFrame, labels: list[str]) -> str:
+        out = []
+        probs = frame[[f"p_{label}" for label in labels]].to_numpy()
+        for i, row in enumerate(frame[[name for name, _ in self.columns] + ["text", "emotion"]].itertuples(index=False)):
+            cells = [(v, w) for v, (_, w) in zip(row, self.columns)]
+            cells += [(row[-2], self.text), (row[-1], self.emotion)]
+            ps = probs[i] if self.all_p else [probs[i].max()]
+            cells += [(f"{p:.3f}".rjust(w), w) for p, (*_, w) in zip(ps, self.p)]
+            out.append(self.line(cells))
+        return "\n".join(out) + "\n"
+
+
+class Progress:
+    """`predict: conv.csv: 40,960/100,000 utterances, ~35 s left` on stderr: live on a terminal, else a line every
+    PROGRESS_EVERY_SECONDS and one at the end."""
+
+    def __init__(self, name: str, stream=None, every: float | None = None):
+        self.name, self.stream = name, stream or sys.stderr
+        self.every = PROGRESS_EVERY_SECONDS if every is None else every
+        self.live = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if done < total and not self.live and now - self.last < self.every:
+            return
+        self.last = now
+        left = (now - self.start) / done * (total - done)
+        line = f"predict: {self.name}: {done:,}/{total:,} utterances" + (f", ~{left:.0f} s left" if done < total else
+                                                                        f" in {now - self.start:.0f} s")
+        if self.live:
+            self.stream.write(f"\r{line}\x1b[K" + ("\n" if done == total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def write_stream(frames, out, fmt: str, labels: list[str], table_writer: Table | None = None) -> None:
+    """The frames to the stream `out` as they come: a table, CSV, a JSON array or JSON lines."""
+    first = True
+    if fmt == "table":
+        out.write(table_writer.header())
+    elif fmt == "json":
+        out.write("[")
+    for frame in frames:
+        if fmt == "table":
+            out.write(table_writer.rows(frame, labels))
+        elif fmt == "csv":
+            frame.to_csv(out, header=first, index=False, float_format="%.6f")
+        elif fmt == "jsonl":
+            out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in to_json(frame, labels)))
+        else:  # one JSON array, as json.dumps(records, indent=2) would write it
+            for r in to_json(frame, labels):
+                out.write(("\n  " if first else ",\n  ") + json.dumps(r, indent=2).replace("\n", "\n  "))
+                first = False
+        first = False
+        out.flush()
     if fmt == "json":
-        return json.dumps(to_json(frame, labels), indent=2) + "\n"
-    if fmt == "csv":
-        return frame.to_csv(index=False, float_format="%.6f")
-    return frame.to_string(index=False, float_format=lambda v: f"{v:.3f}") + "\n"
+        out.write("\n]\n")
 
 
 def main(argv=None) -> None:
     import argparse
-    import sys
 
-    from erc.io import check_writable, write_text
+    from erc.io import atomic_path, check_writable
 
     parser = argparse.ArgumentParser(prog="erc predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("conversation", help="a CSV or JSONL file: speaker, text[, <modality>_features | _path]")
     parser.add_argument("--model", required=True,
                         help="an MLflow run id, a registered model name[/version | @alias], or models:/...")
-    parser.add_argument("--json", action="store_true", help="JSON records instead of a table")
-    parser.add_argument("--out", help="write here instead of the terminal: a .csv file is CSV, a .json file JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="JSON records (full texts, every probability, the gates) instead of the table")
+    parser.add_argument("--out", help="write the full predictions here: a .csv file CSV, .json JSON records, "
+                                      ".jsonl one JSON record a line")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"a progress line on stderr (default: for inputs of {PROGRESS_UTTERANCES:,} utterances or more)")
     parser.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)")
     args = parser.parse_args(argv)
-    fmt = FORMATS.get(Path(args.out).suffix.lower(), "table") if args.out else "table"
+    fmt = "json" if args.json else "table"
     try:
         if args.out:
-            if args.json and fmt == "csv":
-                raise ErcDataError(args.out, "--json with a .csv file: give a .json file, or leave --json out for CSV")
             check_writable(args.out)
+            suffix = Path(args.out).suffix.lower()
+            if suffix not in FORMATS:
+                raise ErcDataError(args.out, f"{f'unknown format {suffix!r}' if suffix else 'no suffix'}: "
+                                             f"give a .csv, .json or .jsonl file")
+            if args.json and suffix == ".csv":
+                raise ErcDataError(args.out, "--json with a .csv file: give a .json file, or leave --json out for CSV")
+            fmt = FORMATS[suffix]
         table = read_conversation(args.conversation)  # a bad file is reported before the model is fetched
         loaded = load_model(args.model, args.tracking_uri)
-        frame = predict(args.conversation, loaded)
+        check_conversation(table, args.conversation, loaded)
+        encoder = text_encoder(table, loaded)
     except ErcDataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -241,8 +482,28 @@ def main(argv=None) -> None:
     if unused:  # a warning, not an error: one conversation file may serve models of different inputs
         print(f"warning: {args.conversation}: the model takes {', '.join(loaded.info['inputs'])} only; "
               f"ignored: {', '.join(unused)}", file=sys.stderr)
-    text = render(frame, loaded.info["labels"], "json" if args.json else fmt)
-    if args.out:
-        write_text(args.out, text)
-    else:
-        sys.stdout.write(text)
+    labels = loaded.info["labels"]
+    show = len(table) >= PROGRESS_UTTERANCES if args.progress is None else args.progress
+    truncated = [0]
+    frames = predict_parts(table, args.conversation, loaded, encoder=encoder, truncated=truncated,
+                           progress=Progress(Path(args.conversation).name) if show else None)
+    try:
+        if args.out:
+            with atomic_path(args.out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as out:
+                write_stream(frames, out, fmt, labels)
+        else:
+            dialogues = table["dialogue_id"].nunique() > 1
+            writer = Table(table, labels, terminal_width(), dialogues=dialogues) if fmt == "table" else None
+            write_stream(frames, sys.stdout, fmt, labels, writer)
+    except ErcDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:  # `erc predict ... | head`: the reader has what it wanted
+        sys.stderr.close()
+        os._exit(0)
+    if truncated[0]:
+        limit = loaded.info["feature_sets"][loaded.info["inputs"]["text"]]
+        texts = "text longer than" if truncated[0] == 1 else "texts longer than"
+        print(f"note: {args.conversation}: {truncated[0]:,} {texts} the encoder's {limit.get('max_length', 128)} "
+              f"tokens {'was' if truncated[0] == 1 else 'were'} truncated for text:{loaded.info['inputs']['text']}",
+              file=sys.stderr)
