@@ -4,7 +4,7 @@ its tables and figures, and an MLflow parent run of the leaderboard's runs holdi
     python pipelines/report.py runs/tuned --leaderboard reports/leaderboard.csv --out reports/report
 
 The runs are the leaderboard's: a folder of run lists (`<folder>/<dataset>/<model>.json`, for params' `pipeline`
-lists) or run-list files named one by one.
+lists) or run-list files named one by one. The gap table (--gap, reports/gap.md) is shown where it exists.
 """
 
 import argparse
@@ -27,6 +27,8 @@ def main():
                                                 "run ids) themselves")
     parser.add_argument("--leaderboard", required=True, help="the leaderboard stage's CSV")
     parser.add_argument("--models-doc", default="docs/models.md", help="published numbers are read from here")
+    parser.add_argument("--gap", default="reports/gap.md", help="the gap table (pipelines/gap.py), shown where it "
+                                                                 "exists")
     parser.add_argument("--out", required=True)
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
@@ -39,6 +41,7 @@ def main():
     runs = leaderboard.fetch_runs(client, leaderboard.run_ids_from(sorted(files)))
     board = pd.read_csv(args.leaderboard)
     published = report.published_numbers(args.models_doc)
+    gap = report.read_gap(args.gap)
     evaluated = report.evaluate(runs, params.get("data_dir", "data"), uri)
     robust = robustness.summarise(evaluated.robustness) if len(evaluated.robustness) else pd.DataFrame()
     curves = report.learning_curves(client, runs)
@@ -48,7 +51,7 @@ def main():
                  f"made {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from {uri}")
     with atomic_path(out) as tmp:
         report.write_page(tmp, board=board, published=published, evaluated=evaluated, robust=robust, curves=curves,
-                          runs=runs, leaderboard_csv=args.leaderboard, generated=generated)
+                          runs=runs, leaderboard_csv=args.leaderboard, generated=generated, gap=gap)
 
     experiment = tracking.experiment_id(params.get("train", {}).get("experiment", tracking.EXPERIMENT), uri)
     parent = report.log_parent_run(client, experiment, out, runs, robust)

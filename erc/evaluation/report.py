@@ -2,9 +2,11 @@
 
 For every run of the leaderboard, its logged model (`erc.serving.predict.load_model`) is evaluated again on the test
 split: with every modality (confusion matrices), with each modality removed (`erc.evaluation.robustness`), and with its
-gates and routers read out (`erc.evaluation.gates`). The page holds the leaderboard table (with the published numbers of
-docs/models.md beside erc's, marked with their protocol), per-class F1, the robustness table, the gate and
-router plots, confusion matrices and learning curves; every picture is embedded, so the page is one file.
+gates and routers read out (`erc.evaluation.gates`). The page holds, per dataset, the leaderboard as a forest plot
+(intervals, significance against the baseline, the published numbers of docs/models.md beside erc's, marked with their
+protocol) and a short table (the full one folded away), per-class F1 as a heat map, the robustness drops as bars, the
+gap table (reports/gap.md), the gate and router plots, confusion matrices and learning curves; every picture is
+embedded, so the page is one file, and fits a 1280 px window (wide tables scroll in their own box).
 The same files go to an MLflow run, the parent of the leaderboard's runs, so that `mlflow ui` shows them together.
 """
 
@@ -24,9 +26,10 @@ import pandas as pd
 from erc import tracking
 from erc.errors import ErcDataError
 from erc.evaluation import gates as gate_stats
+from erc.evaluation import leaderboard as lb
 from erc.evaluation import robustness
-from erc.metrics import confusion
 from erc.evaluation.inference import infer
+from erc.metrics import confusion
 
 PUBLISHED_PROTOCOL = "test-selected, seeds unknown"
 DATASET_NAMES = {"iemocap-6": "iemocap", "iemocap": "iemocap", "meld": "meld", "mosi": "mosi", "cmu-mosi": "mosi"}
@@ -56,6 +59,17 @@ def published_numbers(models_md) -> pd.DataFrame:
                              "paper": f"arXiv {paper.group(1)}" if paper else "", "metric": "wf1",
                              "value": float(value), "protocol": PUBLISHED_PROTOCOL})
     return pd.DataFrame(rows, columns=["model", "dataset", "paper", "metric", "value", "protocol"])
+
+
+def read_gap(path) -> str | None:
+    """reports/gap.md's text (pipelines/gap.py writes it), or None where there is none yet."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ErcDataError(path, f"unreadable ({getattr(e, 'strerror', None) or e})") from None
 
 
 # ---------------------------------------------------------------- evaluating the runs again
@@ -127,29 +141,89 @@ def learning_curves(client, runs: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------- tables and pictures
 
 
+# Column names as people read them, for every table and figure of the page (one mapping, here).
+HUMAN_NAMES = {"dataset": "dataset", "variant": "variant", "model": "model", "features": "features", "n_seeds": "seeds",
+               "wf1": "weighted F1", "acc": "accuracy", "macro_f1": "macro F1", "acc2": "binary accuracy",
+               "wf1_binary": "binary weighted F1", "acc7": "7-class accuracy", "mae": "mean absolute error",
+               "corr": "correlation", "params_total": "parameters", "params_trainable": "trainable parameters",
+               "train_s_per_epoch": "s/epoch", "infer_ms_per_dialogue": "ms/dialogue", "peak_rss_mb": "peak MB",
+               "class_weights": "class weights", "label_derived": "inputs learnt with labels",
+               "leakage_warning": "leakage probe warning", "wf1_ci": "95% interval", "p_vs_baseline": "p vs baseline",
+               "p_vs_best": "p vs best"}
+PUBLISHED_COLUMN = f"published weighted F1 ({PUBLISHED_PROTOCOL})"
+DIGITS = {"mae": 3, "corr": 3, "peak_rss_mb": 0}  # as the leaderboard's markdown rounds them
+
+
+def human(column: str) -> str:
+    return HUMAN_NAMES.get(column, column.replace("_", " "))
+
+
+def _published_for(board: pd.DataFrame, published: pd.DataFrame) -> list[float]:
+    """The published weighted F1 of each board row's model and dataset (NaN where docs/models.md quotes none)."""
+    ref = {(r.model, r.dataset): r.value for r in published.itertuples()}
+    return [ref.get((m.split("-")[0], d), np.nan) for m, d in zip(board["model"], board["dataset"])]
+
+
+def _significant(value) -> bool:
+    """A significance flag as the leaderboard CSV reads back: True, False, or empty (no test: the baseline itself)."""
+    return value is not None and not pd.isna(value) and bool(value)
+
+
+def _interval(row) -> str:
+    low, high = row.get("wf1_ci_low"), row.get("wf1_ci_high")
+    return "" if low is None or pd.isna(low) else f"[{lb._fmt(low)}, {lb._fmt(high)}]"
+
+
 def leaderboard_display(board: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
-    """The leaderboard as shown: `<m>_mean` ± `<m>_std` in one cell, any other column as it is (confidence
-    intervals and tests where the leaderboard has them), and the published weighted F1 beside erc's."""
-    out = pd.DataFrame(index=board.index)
-    done = set()
+    """Every column of the leaderboard as shown, under its human name and rounded as the leaderboard's markdown:
+    `<m>_mean` ± `<m>_std` in one cell, the interval in one, p with its * of significance, parameters in millions,
+    and the published weighted F1 beside erc's."""
+    rows = [row.to_dict() for _, row in board.iterrows()]
+    out, done = {}, {"wf1_ci_high", "significant_vs_baseline", "significant_vs_best"}
     for col in board.columns:
         if col in done:
             continue
+        base = col.removesuffix("_mean")
         if col.endswith("_mean"):
-            base = col[: -len("_mean")]
-            std = board.get(f"{base}_std")
-            out[base] = [("" if pd.isna(m) else f"{m:.2f}" + ("" if std is None or pd.isna(s) else f" ± {s:.2f}"))
-                         for m, s in zip(board[col], std if std is not None else [np.nan] * len(board))]
-            done |= {col, f"{base}_std"}
+            out[human(base)] = [lb._pm(r, base, DIGITS.get(base, 2)) for r in rows]
+            done.add(f"{base}_std")
             if base == "wf1":
-                ref = {(r.model, r.dataset): r.value for r in published.itertuples()}
-                out[f"published wf1 ({PUBLISHED_PROTOCOL})"] = [
-                    f"{ref[(m.split('-')[0], d)]:.2f}" if (m.split("-")[0], d) in ref else ""
-                    for m, d in zip(board["model"], board["dataset"])]
+                out[PUBLISHED_COLUMN] = [lb._fmt(v) for v in _published_for(board, published)]
+        elif col == "wf1_ci_low":
+            out[human("wf1_ci")] = [_interval(r) for r in rows]
+        elif col.startswith("p_vs_"):
+            flag = col.replace("p_vs_", "significant_vs_")
+            out[human(col)] = [lb._p(r[col], _significant(r.get(flag))) for r in rows]
+        elif col.startswith("params_"):
+            out[human(col)] = [lb._millions(r[col]) for r in rows]
         else:
-            out[col] = [f"{v:.2f}" if isinstance(v, float) and not pd.isna(v) else ("" if pd.isna(v) else v)
-                        for v in board[col]]
-    return out
+            out[human(col)] = [lb._fmt(v, DIGITS.get(col, 2)) if isinstance(v, float) else ("" if pd.isna(v) else v)
+                               for v in board[col]]
+    return pd.DataFrame(out, index=board.index)
+
+
+def _row_names(part: pd.DataFrame) -> list[str]:
+    """A dataset's rows by model, with the variant and features where the dataset has more than one."""
+    names = part["model"].astype(str)
+    for col in ("variant", "features"):
+        if col in part and part[col].nunique() > 1:
+            names = names + " (" + part[col].astype(str) + ")"
+    return names.tolist()
+
+
+def short_leaderboard(board: pd.DataFrame, published: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """One dataset's leaderboard in the columns a reader compares: model, weighted F1 ± std, its interval, p against
+    the baseline, parameters, s/epoch, and the published figure."""
+    part = board[board["dataset"] == dataset]
+    rows = [row.to_dict() for _, row in part.iterrows()]
+    table = {"model": _row_names(part), human("wf1"): [lb._pm(r, "wf1") for r in rows],
+             human("wf1_ci"): [_interval(r) for r in rows],
+             human("p_vs_baseline"): [lb._p(r.get("p_vs_baseline"), _significant(r.get("significant_vs_baseline")))
+                                      for r in rows],
+             human("params_total"): [lb._millions(r.get("params_total", np.nan)) for r in rows],
+             human("train_s_per_epoch"): [lb._fmt(r.get("train_s_per_epoch")) for r in rows],
+             "published (test-selected)": [lb._fmt(v) for v in _published_for(part, published)]}
+    return pd.DataFrame(table)
 
 
 def per_class_f1(runs: pd.DataFrame, labels: dict) -> dict[str, pd.DataFrame]:
@@ -167,6 +241,96 @@ def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     return buffer.getvalue()
+
+
+def leaderboard_png(board: pd.DataFrame, published: pd.DataFrame, dataset: str) -> bytes:
+    """One dataset's leaderboard as a forest plot: each model's test weighted F1 with its 95% bootstrap interval,
+    filled where it differs from the baseline (Holm-corrected p < ALPHA) and hollow where not, the baseline's row
+    shaded with a line at its mean, and the published figure (test-selected) as a grey diamond on its row."""
+    from matplotlib.figure import (
+        Figure,  # not pyplot: no backend or global figure state
+    )
+    from matplotlib.lines import Line2D
+
+    part = board[board["dataset"] == dataset].reset_index(drop=True)
+    part = part.assign(name=_row_names(part), published=_published_for(part, published)).iloc[::-1]  # first on top
+    height = 0.42 * len(part) + 2.1
+    fig = Figure(figsize=(8, height))
+    ax = fig.subplots()
+    has_ci = "wf1_ci_low" in part and part["wf1_ci_low"].notna().any()
+    for y, row in enumerate(part.to_dict("records")):
+        baseline = row["model"] == "baseline"
+        if baseline:
+            ax.axhspan(y - 0.5, y + 0.5, color="#fff3c4", zorder=0)
+            ax.axvline(row["wf1_mean"], color="#b08800", linestyle="--", linewidth=1, zorder=1)
+        if has_ci and not pd.isna(row.get("wf1_ci_low")):
+            ax.plot([row["wf1_ci_low"], row["wf1_ci_high"]], [y, y], color="C0", linewidth=2, zorder=2)
+        significant = _significant(row.get("significant_vs_baseline"))
+        ax.plot(row["wf1_mean"], y, marker="s" if baseline else "o", markersize=8, color="C0", zorder=3,
+                markerfacecolor="C0" if significant or baseline else "white")
+        if not pd.isna(row["published"]):
+            ax.plot(row["published"], y, marker="D", markersize=7, color="0.45", linestyle="none", zorder=3)
+        p = lb._p(row.get("p_vs_baseline"), significant)
+        if p:
+            ax.annotate(f"p {p}" if p.startswith("<") else f"p = {p}", (1.01, y), xycoords=("axes fraction", "data"),
+                        va="center", fontsize=8)
+    ax.set_yticks(range(len(part)), part["name"])
+    ax.set_ylim(-0.6, len(part) - 0.4)
+    ax.set_xlabel("test weighted F1 (%), mean over seeds" + (" with its 95% bootstrap interval" if has_ci else ""))
+    ax.set_title(f"{dataset}: which models differ from the baseline (shaded row, dashed line)", fontsize=10)
+    ax.grid(axis="x", color="0.9")
+    handles = [Line2D([], [], marker="o", color="C0", linestyle="none",
+                      label=f"differs from baseline (p < {lb.ALPHA})"),
+               Line2D([], [], marker="o", color="C0", markerfacecolor="white", linestyle="none",
+                      label="no difference shown"),
+               Line2D([], [], marker="D", color="0.45", linestyle="none", label="published, test-selected")]
+    fig.legend(handles=handles, fontsize=8, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.3 / height, 1, 1))
+    return _png(fig)
+
+
+def per_class_png(table: pd.DataFrame, dataset: str) -> bytes:
+    """Per-class test F1 as a heat map (models x classes), the figure written in each cell."""
+    from matplotlib.figure import Figure
+
+    values = table.to_numpy(dtype=float)
+    fig = Figure(figsize=(0.85 * values.shape[1] + 2.8, 0.42 * values.shape[0] + 1.6))
+    ax = fig.subplots()
+    image = ax.imshow(values, cmap="viridis", vmin=0, vmax=100, aspect="auto")
+    ax.set_xticks(range(values.shape[1]), table.columns, rotation=30, ha="right")
+    ax.set_yticks(range(values.shape[0]), table.index)
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            if not np.isnan(values[i, j]):
+                ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                        color="black" if values[i, j] > 60 else "white")
+    fig.colorbar(image, ax=ax, label="test F1 (%)")
+    ax.set_title(f"{dataset}: test F1 per class, mean over seeds", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def robustness_png(robust: pd.DataFrame, dataset: str) -> bytes:
+    """The drop in test weighted F1 without each modality, a bar per model and removed modality (± std over seeds)."""
+    from matplotlib.figure import Figure
+
+    part = robust[robust["dataset"] == dataset]
+    models, modalities = sorted(part["model"].unique()), sorted(part["modality"].unique())
+    fig = Figure(figsize=(6.5, 0.32 * len(models) + 1.3))
+    ax = fig.subplots()
+    height = 0.8 / len(modalities)
+    for k, modality in enumerate(modalities):
+        rows = part[part["modality"] == modality].set_index("model").reindex(models)
+        ax.barh(np.arange(len(models)) + (k - (len(modalities) - 1) / 2) * height, rows["wf1_drop_mean"], height,
+                xerr=rows["wf1_drop_std"].fillna(0), label=f"without {modality}", color=f"C{k + 1}", capsize=2)
+    ax.set_yticks(range(len(models)), models)
+    ax.invert_yaxis()
+    ax.axvline(0, color="0.3", linewidth=0.8)
+    ax.set_xlabel("drop in test weighted F1 (points), mean ± std over seeds")
+    ax.set_title(f"{dataset}: what each modality carries", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
 
 
 def curves_png(curves: pd.DataFrame, dataset: str) -> bytes:
@@ -193,10 +357,14 @@ def curves_png(curves: pd.DataFrame, dataset: str) -> bytes:
 # ---------------------------------------------------------------- the page
 
 
-STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px}
-th{background:#f0f0f0}td{text-align:right}td:first-child,td:nth-child(2){text-align:left}
-img{max-width:100%;border:1px solid #eee;margin:4px}.confusion img{max-width:360px}.note{color:#555;font-size:13px}figure{display:inline-block}"""
+STYLE = """*{box-sizing:border-box}body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1150px;
+padding:0 1em;color:#222;overflow-wrap:anywhere}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px;max-width:100%}th,td{border:1px solid #ccc;
+padding:3px 7px}th{background:#f0f0f0}td{text-align:right}td:first-child{text-align:left}
+.wide{overflow-x:auto;max-width:100%}.wide table{overflow-wrap:normal}.md td{text-align:left}
+details{margin:.3em 0 1.5em}summary{cursor:pointer;color:#0550ae}
+img{max-width:100%;height:auto;border:1px solid #eee;margin:4px}.confusion img{max-width:360px}
+.note{color:#555;font-size:13px}.gap p{font-size:14px}figure{display:inline-block;max-width:100%;margin:0}"""
 
 
 def _table(frame: pd.DataFrame, table_id: str, index: bool = False) -> str:
@@ -204,30 +372,112 @@ def _table(frame: pd.DataFrame, table_id: str, index: bool = False) -> str:
                          float_format=lambda v: f"{v:.2f}")
 
 
-def _image(png: bytes, alt: str, section: str) -> str:
+def _wide(content: str) -> str:
+    """A wide table scrolls in its own box, so the page itself never widens."""
+    return f"<div class='wide'>{content}</div>"
+
+
+def _details(summary: str, content: str) -> str:
+    return f"<details><summary>{html.escape(summary)}</summary>{_wide(content)}</details>"
+
+
+def _image(png: bytes, alt: str, section: str, image_id: str = "") -> str:
     data = base64.b64encode(png).decode("ascii")
-    return f'<figure class="{section}"><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></figure>'
+    ident = f' id="{html.escape(image_id)}"' if image_id else ""
+    return (f'<figure class="{section}"><img{ident} alt="{html.escape(alt)}" '
+            f'src="data:image/png;base64,{data}"></figure>')
 
 
-def page(*, board: pd.DataFrame, published: pd.DataFrame, classes: dict, robust_table: pd.DataFrame,
-         images: dict[str, list[tuple[str, bytes]]], generated: str) -> str:
-    """The report as one HTML string; `images`: section -> [(caption, PNG bytes)]."""
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>erc report</title>"
+def _inline(text: str) -> str:
+    text = html.escape(text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"(?<![\w*])\*([^*\s][^*]*?)\*(?![\w*])", r"<em>\1</em>", text)
+
+
+def markdown_html(text: str) -> str:
+    """The markdown that erc's programs write (headings, paragraphs, pipe tables; `code` and *emphasis*) as HTML,
+    every table in its own scrolling box. Headings go two levels down: the page's sections are its h2."""
+    out, paragraph, table = [], [], []
+
+    def flush():
+        if paragraph:
+            out.append(f"<p>{_inline(' '.join(paragraph))}</p>")
+            paragraph.clear()
+        if table:
+            cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table
+                     if not re.fullmatch(r"\|?[\s:|-]+\|?", line.strip())]
+            head, body = cells[0], cells[1:]
+            rows = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in body)
+            out.append(_wide(f"<table class='md'><thead><tr>{''.join(f'<th>{_inline(c)}</th>' for c in head)}"
+                             f"</tr></thead><tbody>{rows}</tbody></table>"))
+            table.clear()
+
+    for line in text.splitlines():
+        heading = re.match(r"(#{1,4})\s+(.*)", line)
+        if line.lstrip().startswith("|"):
+            if paragraph:
+                flush()
+            table.append(line)
+        elif heading or not line.strip():
+            flush()
+            if heading:
+                level = min(len(heading.group(1)) + 2, 6)
+                out.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
+        else:
+            if table:
+                flush()
+            paragraph.append(line.strip())
+    flush()
+    return "\n".join(out)
+
+
+def page(*, board: pd.DataFrame, published: pd.DataFrame, classes: dict, robust: pd.DataFrame,
+         images: dict[str, list[tuple[str, bytes]]], charts: dict[tuple[str, str], bytes], generated: str,
+         gap: str | None = None) -> str:
+    """The report as one HTML string; `images`: section -> [(caption, PNG bytes)]; `charts`: (kind, dataset) -> PNG
+    bytes of the per-dataset pictures (kinds: leaderboard, per_class, robustness); `gap`: reports/gap.md's text."""
+    datasets = sorted(board["dataset"].unique())
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+             "<meta name='viewport' content='width=device-width, initial-scale=1'><title>erc report</title>"
              f"<style>{STYLE}</style></head><body>", "<h1>erc report</h1>",
              f"<p class='note'>{html.escape(generated)}</p>",
              "<h2 id='leaderboard-section'>Leaderboard</h2>",
              "<p class='note'>Test-split figures (percent) of the checkpoint selected on validation weighted F1, "
-             "mean ± sample std over seeds. The published column quotes the papers (docs/models.md), whose epochs were "
-             f"selected on the test split with unknown seeds ({PUBLISHED_PROTOCOL}): not comparable one to one.</p>",
-             _table(leaderboard_display(board, published), "leaderboard")]
-    parts.append("<h2>Per-class F1</h2>")
+             "mean ± sample std over seeds; 95% interval: bootstrap over seeds and test dialogues; p: approximate "
+             f"randomisation against the dataset's baseline, Holm-corrected, * below {lb.ALPHA}. The published figures "
+             "quote the papers (docs/models.md), whose epochs were selected on the test split with unknown seeds "
+             f"({PUBLISHED_PROTOCOL}): not comparable one to one.</p>"]
+    for dataset in datasets:
+        parts.append(f"<h3>{html.escape(dataset)}</h3>")
+        if ("leaderboard", dataset) in charts:
+            parts.append(_image(charts[("leaderboard", dataset)], f"{dataset} leaderboard: test weighted F1 with 95% "
+                                "intervals", "leaderboard", f"leaderboard-figure-{dataset}"))
+        parts.append(_wide(_table(short_leaderboard(board, published, dataset), f"leaderboard-{dataset}")))
+    full = _table(leaderboard_display(board, published), "leaderboard")
+    parts += [_details("The full leaderboard (every column)", full),
+              "<p class='note'>The same as CSV: <a href='leaderboard.csv'>leaderboard.csv</a>.</p>",
+              "<h2>Per-class F1</h2>"]
     for dataset, table in classes.items():
-        parts += [f"<h3>{html.escape(dataset)}</h3>", _table(table.reset_index(), f"per-class-{dataset}")]
+        parts.append(f"<h3>{html.escape(dataset)}</h3>")
+        if ("per_class", dataset) in charts:
+            parts.append(_image(charts[("per_class", dataset)], f"{dataset} per-class F1", "per-class",
+                                f"per-class-figure-{dataset}"))
+        parts.append(_details(f"{dataset}: per-class F1 as a table",
+                              _table(table.reset_index(), f"per-class-{dataset}")))
     parts += ["<h2>Missing-modality robustness</h2>",
               "<p class='note'>Drop in test weighted F1 (points; mean ± std over seeds) when a modality is removed "
               "through the model's modality mask, its own missing-modality path (not zeros posing as data). "
-              "Single-modality runs have nothing to remove.</p>",
-              _table(robust_table, "robustness") if len(robust_table) else "<p>No multimodal runs.</p>"]
+              "Single-modality runs have nothing to remove.</p>"]
+    if len(robust):
+        parts += [_image(charts[("robustness", d)], f"{d} robustness", "robustness", f"robustness-figure-{d}")
+                  for d in sorted(robust["dataset"].unique()) if ("robustness", d) in charts]
+        parts.append(_details("The drops as a table", _table(robustness_display(robust), "robustness")))
+    else:
+        parts.append("<p>No multimodal runs.</p>")
+    if gap:
+        parts += ["<h2 id='gap-section'>The gap to the published figures</h2>",
+                  "<p class='note'>reports/gap.md, written by <code>python pipelines/gap.py</code>.</p>",
+                  f"<div class='gap'>{markdown_html(gap)}</div>"]
     titles = {"gates": "How the experts are used (mean gate weight per true class, and load)",
               "confusion": "Confusion matrices (test, pooled over seeds)", "curves": "Learning curves"}
     for section, title in titles.items():
@@ -238,11 +488,24 @@ def page(*, board: pd.DataFrame, published: pd.DataFrame, classes: dict, robust_
 
 
 def write_page(out, *, board: pd.DataFrame, published: pd.DataFrame, evaluated: Evaluated, robust: pd.DataFrame,
-               curves: pd.DataFrame, runs: pd.DataFrame, leaderboard_csv, generated: str) -> None:
-    """The report folder: index.html (one self-contained page), its figures, and the tables behind them as CSV."""
+               curves: pd.DataFrame, runs: pd.DataFrame, leaderboard_csv, generated: str,
+               gap: str | None = None) -> None:
+    """The report folder: index.html (one self-contained page), its figures (the leaderboard's, one per dataset, in
+    figures/leaderboard/: a DVC image plot), and the tables behind them as CSV."""
     out = Path(out)
-    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "leaderboard").mkdir(parents=True)
     images = {"gates": [], "confusion": [], "curves": []}
+    charts = {}
+    for dataset in sorted(board["dataset"].unique()):
+        charts[("leaderboard", dataset)] = leaderboard_png(board, published, dataset)
+        (out / "figures" / "leaderboard" / f"{dataset}.png").write_bytes(charts[("leaderboard", dataset)])
+    classes = per_class_f1(runs, evaluated.labels)
+    for dataset, table in classes.items():
+        charts[("per_class", dataset)] = per_class_png(table, dataset)
+        (out / "figures" / f"per_class_{dataset}.png").write_bytes(charts[("per_class", dataset)])
+    for dataset in sorted(robust["dataset"].unique()) if len(robust) else []:
+        charts[("robustness", dataset)] = robustness_png(robust, dataset)
+        (out / "figures" / f"robustness_{dataset}.png").write_bytes(charts[("robustness", dataset)])
     if len(evaluated.gates):
         keys = ["dataset", "model", "gate", "expert"]
         means = evaluated.gates.groupby(keys, sort=False).mean(numeric_only=True).reset_index()
@@ -264,9 +527,8 @@ def write_page(out, *, board: pd.DataFrame, published: pd.DataFrame, evaluated: 
         (out / "robustness.md").write_text(robustness.to_markdown(robust))
     published.to_csv(out / "published.csv", index=False)
     shutil.copy2(leaderboard_csv, out / "leaderboard.csv")
-    (out / "index.html").write_text(page(
-        board=board, published=published, classes=per_class_f1(runs, evaluated.labels),
-        robust_table=robustness_display(robust), images=images, generated=generated))
+    (out / "index.html").write_text(page(board=board, published=published, classes=classes, robust=robust,
+                                         images=images, charts=charts, generated=generated, gap=gap))
 
 
 def robustness_display(table: pd.DataFrame) -> pd.DataFrame:
