@@ -83,7 +83,7 @@ def _quick_params(clone: Path) -> None:
 @pytest.mark.slow
 @needs_mirror
 def test_dvc_repro_end_to_end(tmp_path):
-    """The README's pipeline command in a fresh clone: leaderboard rows for the 3 datasets, then a no-op repro."""
+    """The README's pipeline command in a fresh clone: leaderboard rows for the 4 datasets, then a no-op repro."""
     clone = tmp_path / "erc"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     _quick_params(clone)
@@ -91,10 +91,10 @@ def test_dvc_repro_end_to_end(tmp_path):
     env.pop("MLFLOW_TRACKING_URI", None)
     subprocess.run(["dvc", "repro"], cwd=clone, env=env, check=True)
     board = pd.read_csv(clone / "reports/leaderboard.csv")
-    assert set(board["dataset"]) == {"mosi", "meld", "iemocap"}
+    assert set(board["dataset"]) == {"mosi", "meld", "iemocap", "emorynlp"}
     assert (board["n_seeds"] >= 3).all()
-    assert json.loads((clone / "reports/metrics.json").read_text()).keys() == {"mosi", "meld", "iemocap"}
-    robust = pd.read_csv(clone / "reports/report/robustness.csv")  # the report: MELD is text only, nothing to remove
+    assert json.loads((clone / "reports/metrics.json").read_text()).keys() == {"mosi", "meld", "iemocap", "emorynlp"}
+    robust = pd.read_csv(clone / "reports/report/robustness.csv")  # MELD and EmoryNLP are text only: nothing to remove
     assert set(robust["dataset"]) == {"mosi", "iemocap"} and "<table" in (clone / "reports/report/index.html").read_text()
     again = subprocess.run(["dvc", "repro"], cwd=clone, env=env, check=True, capture_output=True, text=True)
     assert "Running stage" not in again.stdout  # its wall time is measured by benchmarks/throughput.py --repro
