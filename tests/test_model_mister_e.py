@@ -180,3 +180,21 @@ def test_class_weights_change_the_focal_terms_only(emotion_task):
         assert abs(float(a.losses[name]) - float(b.losses[name])) > 1e-5, name
     for name in ("supcon", "kl"):
         torch.testing.assert_close(a.losses[name], b.losses[name])
+
+
+def test_experts_batched_equal_each_expert_on_its_own(emotion_task):
+    """The speech and text experts run as one recurrence (stacked_bigru) and their conv branches as one matmul:
+    each expert's logits equal its own convolutions and packed nn.GRU, run on their own (eval mode)."""
+    import torch.nn.functional as F
+
+    model = model_of(emotion_task.spec).eval()
+    batch = emotion_task.splits["train"].collate(range(4))
+    with torch.no_grad():
+        out = model(batch)
+        for e, (m, name) in enumerate([("audio", "speech"), ("text", "text")]):
+            expert, mask = model.experts[name], batch.mask
+            x = batch.features[m] * batch.modality_mask[m].unsqueeze(-1).float()
+            local = sum(F.relu(conv(x, mask)) for conv in expert.convs)
+            state = (expert.gru.packed(local, mask) + expert.skip(x)) * mask.unsqueeze(-1).float()
+            torch.testing.assert_close(out.extras["expert_logits"][..., e, :][mask], expert.head(state)[mask],
+                                       atol=1e-5, rtol=1e-5)

@@ -373,3 +373,57 @@ def test_mmolre_context_is_mmolre_with_the_switch_on(tasks):
     switched.load_state_dict(variant.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(variant(batch).logits, switched(batch).logits)
+
+
+# ---------------------------------------------------------------- batched experts (issue 33)
+
+
+def matmul_kernels(fn) -> int:
+    """Matrix-multiply and convolution kernels that `fn()` (a forward and backward) launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    kinds = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution"}
+    return sum(e.count for e in prof.key_averages() if e.key in kinds)
+
+
+def test_batched_experts_equal_a_loop_over_the_experts():
+    """low_rank_down / low_rank_mix (all experts in one matmul each) against each LowRankExpert run on its own and
+    gated by hand: outputs and every expert's gradients, with padding, at the ends of dialogues and in between."""
+    from erc.models.blocks import low_rank_down, low_rank_mix
+
+    torch.manual_seed(0)
+    experts = [LowRankExpert(6, 3) for _ in range(4)]
+    x = torch.randn(2, 5, 6)
+    mask = torch.tensor([[True, True, False, True, True], [True, True, True, False, False]])
+    gates, _ = top_k_gates(torch.randn(2, 5, 4), 2)
+    keep = mask.unsqueeze(-1).float()
+
+    def grads(out):
+        for e in experts:
+            e.zero_grad()
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+        return [p.grad.clone() for e in experts for p in e.parameters()]
+
+    batched = low_rank_mix(experts, low_rank_down(experts, x, mask), gates) * keep
+    batched_grads = grads(batched)
+    looped = sum(gates[..., e, None] * expert(x, mask) for e, expert in enumerate(experts))
+    looped_grads = grads(looped)
+    torch.testing.assert_close(batched, looped, atol=1e-6, rtol=1e-5)
+    assert looped.abs().sum() > 0
+    for a, b in zip(batched_grads, looped_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_unitse_matmuls_do_not_grow_with_the_number_of_experts(tasks):
+    """The experts run as one batched operation: MMoLRE's forward and backward launch as many matrix kernels with
+    6 shared experts as with 2 (a loop over the experts launches some per expert)."""
+    task = tasks["meld"]
+    batch = task.splits["train"].collate(range(min(4, len(task.splits["train"]))))
+
+    def step(num_shared):
+        model = model_for(task.spec, num_shared=num_shared)
+        return matmul_kernels(lambda: model(batch).loss.backward())
+
+    assert step(2) == step(6)

@@ -87,11 +87,64 @@ class MaskedBiGRU(nn.Module):
                           dropout=dropout if num_layers > 1 else 0.0)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return stacked_bigru([self], [x], mask)[0]
+
+    def packed(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The same as `forward`, through nn.GRU on a packed sequence (what `forward` runs on a GPU)."""
         lengths = mask.sum(1).clamp(min=1).cpu()
         packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         out, _ = self.gru(packed)
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         return out * mask.unsqueeze(-1).to(out.dtype)
+
+
+def stacked_bigru(grus: list[MaskedBiGRU], xs: list[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
+    """Several MaskedBiGRUs of one shape, each on its own input (B, T, D), under one mask: the same outputs as
+    their packed nn.GRUs (up to float summation order), computed as one recurrence over (GRU, direction) pairs.
+
+    On a CPU the packed nn.GRU runs a dozen small ops per time step, layer, direction and GRU; here a time step
+    is one batched matmul and a few element-wise ops for all of them, and the input projections of all time steps
+    are one matmul per layer. The reverse direction runs forward over each dialogue reversed within its own
+    length, so padding only ever follows the real utterances and never reaches them. Between layers, dropout
+    as nn.GRU's (training only, not after the last layer). On a GPU each GRU runs packed (cuDNN: one kernel)."""
+    if mask.is_cuda:
+        return [g.packed(x, mask) for g, x in zip(grus, xs)]
+    first = grus[0].gru
+    if any((g.gru.input_size, g.gru.hidden_size, g.gru.num_layers) != (first.input_size, first.hidden_size,
+                                                                        first.num_layers) for g in grus):
+        raise ValueError("stacked_bigru: the GRUs' shapes differ")
+    B, T = mask.shape
+    lengths = mask.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
+    steps = torch.arange(T, device=mask.device)
+    reverse = torch.where(steps < lengths, lengths - 1 - steps, steps)  # (B, T): each dialogue reversed in place
+
+    def flip(y: torch.Tensor) -> torch.Tensor:  # (..., B, T, F): reversed within each dialogue's length
+        return y.gather(-2, reverse.unsqueeze(-1).expand(*y.shape))
+
+    def weights(name: str) -> torch.Tensor:  # (G * 2, ...): per GRU, its forward then its reverse direction
+        return torch.stack([getattr(g.gru, name + suffix) for g in grus for suffix in ("", "_reverse")])
+
+    x = torch.stack(xs)  # (G, B, T, D)
+    H = first.hidden_size
+    for layer in range(first.num_layers):
+        both = torch.stack([x, flip(x)], dim=1).flatten(0, 1).flatten(1, 2)  # (G * 2, B * T, D_layer)
+        gi = torch.baddbmm(weights(f"bias_ih_l{layer}").unsqueeze(1), both,
+                           weights(f"weight_ih_l{layer}").transpose(1, 2)).unflatten(1, (B, T))  # (G*2, B, T, 3H)
+        w_hh = weights(f"weight_hh_l{layer}").transpose(1, 2)  # (G * 2, H, 3H)
+        b_hh = weights(f"bias_hh_l{layer}").unsqueeze(1)  # (G * 2, 1, 3H)
+        h, out = gi.new_zeros(gi.shape[0], B, H), []
+        for i in gi.unbind(2):  # PyTorch's GRU cell, gates in its order r, z, n (unbind: one backward node, not T)
+            gh = torch.baddbmm(b_hh, h, w_hh)
+            r, z = torch.sigmoid(i[..., :2 * H] + gh[..., :2 * H]).chunk(2, dim=-1)
+            n = torch.tanh(i[..., 2 * H:] + r * gh[..., 2 * H:])
+            h = n + z * (h - n)  # (1 - z) * n + z * h
+            out.append(h)
+        out = torch.stack(out, dim=2).unflatten(0, (-1, 2))  # (G, 2, B, T, H)
+        x = torch.cat([out[:, 0], flip(out[:, 1])], dim=-1)  # (G, B, T, 2H), time order
+        if layer < first.num_layers - 1 and first.dropout and first.training:
+            x = F.dropout(x, first.dropout)
+    keep = mask.unsqueeze(-1).to(x.dtype)
+    return [y * keep for y in x]
 
 
 # ---------------------------------------------------------------- attention
@@ -139,8 +192,14 @@ class AttentionBlock(nn.Module):
                        attn_bias: torch.Tensor | None = None) -> torch.Tensor:
         """query, context: (N, D), the real positions of `packing`; returns (N, D)."""
         B, T = packing.mask.shape
-        heads = lambda x: packing.unpack(x).view(B, T, self.heads, -1).transpose(1, 2)  # noqa: E731  (B, h, T, d_h)
-        q, k, v = heads(self.q(query)), heads(self.k(context)), heads(self.v(context))
+        heads = lambda x: x.view(B, T, self.heads, -1).transpose(1, 2)  # noqa: E731  (B, h, T, d_h)
+        # The projections that share an input run as one matmul, unpacked once (self-attention: q, k, v; else k, v)
+        fused = [self.q, self.k, self.v] if context is query else [self.k, self.v]
+        projected = packing.unpack(F.linear(context, torch.cat([p.weight for p in fused]),
+                                            torch.cat([p.bias for p in fused]))).chunk(len(fused), dim=-1)
+        if context is not query:
+            projected = (packing.unpack(self.q(query)), *projected)
+        q, k, v = map(heads, projected)
         keep = packing.mask[:, None, None, :]  # (B, 1, 1, T): the real keys
         scores_mask = keep if attn_bias is None else attn_bias.masked_fill(~keep, float("-inf"))
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=scores_mask,
@@ -167,6 +226,38 @@ class LowRankExpert(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.up(F.gelu(self.down(x, mask)), mask)
+
+
+def stacked_conv1d(convs: list[MaskedConv1d], x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Several MaskedConv1d of odd kernels and "same" padding (k // 2) on one input, as one matmul: their outputs
+    concatenated, (B, T, D) -> (B, T, sum of out channels), the same as each conv's own (up to float summation
+    order). A convolution is a linear map of the window around each position (masked inputs, zeros beyond the
+    ends); the kernels, zero-padded to the widest, stack into one matrix over one window."""
+    if any(c.kernel_size[0] % 2 == 0 or c.padding != (c.kernel_size[0] // 2,) or c.stride != (1,)
+           or c.dilation != (1,) or c.groups != 1 for c in convs):
+        raise ValueError("stacked_conv1d: odd kernels with padding k // 2, stride, dilation and groups 1 only")
+    K = max(c.kernel_size[0] for c in convs)
+    keep = mask.unsqueeze(-1).to(x.dtype)
+    padded = F.pad(x * keep, (0, 0, K // 2, K // 2))  # (B, T + K - 1, D)
+    windows = torch.cat([padded[:, j:j + x.shape[1]] for j in range(K)], dim=-1)  # (B, T, K * D), tap-major
+    weight = torch.cat([F.pad(c.weight, ((K - c.kernel_size[0]) // 2,) * 2) for c in convs])  # (out, D, K)
+    bias = torch.cat([c.bias for c in convs])
+    return F.linear(windows, weight.transpose(1, 2).flatten(1), bias) * keep
+
+
+def low_rank_down(experts: list[LowRankExpert], x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The first half of every expert in `experts` on the same input, as one matmul (`stacked_conv1d`):
+    GELU(down(x)) of each, concatenated, (B, T, D) -> (B, T, E * r)."""
+    return F.gelu(stacked_conv1d([e.down for e in experts], x, mask))
+
+
+def low_rank_mix(experts: list[LowRankExpert], hidden: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    """sum_e gates_e * up_e(hidden_e): the experts' second halves, gated and summed, as one matmul.
+    hidden (B, T, E * r) from `low_rank_down`, gates (B, T, E) -> (B, T, D); unmasked (the caller masks)."""
+    E = len(experts)
+    gated = (hidden.unflatten(-1, (E, -1)) * gates.unsqueeze(-1)).flatten(-2)  # (B, T, E * r)
+    weight = torch.cat([e.up.weight.squeeze(-1) for e in experts], dim=1)  # (D, E * r)
+    return F.linear(gated, weight) + gates @ torch.stack([e.up.bias for e in experts])
 
 
 # ---------------------------------------------------------------- routing (MMoLRE, SUMMER)

@@ -87,8 +87,8 @@ from torch import nn
 
 from erc.data.dialogues import IGNORE, Batch
 from erc.models import Gates, ModelOutput, ModelSpec, register
-from erc.models.blocks import (AttentionBlock, MaskedBiGRU, MaskedConv1d, focal_loss, score_l1,
-                               supervised_contrastive, symmetric_kl)
+from erc.models.blocks import (AttentionBlock, MaskedBiGRU, MaskedConv1d, Packing, focal_loss, score_l1,
+                               stacked_bigru, stacked_conv1d, supervised_contrastive, symmetric_kl)
 
 SPEECH, TEXT = "audio", "text"  # erc's modality names for the paper's speech and text
 EXPERT_OF = {SPEECH: "speech", TEXT: "text"}
@@ -130,8 +130,16 @@ class ContextExpert(nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        local = sum(F.relu(conv(x, mask)) for conv in self.convs)  # (B, T, width)
-        state = (self.gru(local, mask) + self.skip(x)) * mask.unsqueeze(-1).to(x.dtype)
+        return self.finish(x, self.gru(self.local(x, mask), mask), mask)
+
+    def local(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The convolutions' part: (B, T, D) -> (B, T, width), the GRU's input."""
+        branches = F.relu(stacked_conv1d(list(self.convs), x, mask))  # the branches as one matmul
+        return branches.unflatten(-1, (len(self.convs), -1)).sum(-2)
+
+    def finish(self, x: torch.Tensor, recurrent: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The skip and the head, after the GRU's output `recurrent`."""
+        state = (recurrent + self.skip(x)) * mask.unsqueeze(-1).to(x.dtype)
         return state, self.head(state)
 
 
@@ -148,9 +156,12 @@ class CrossModalBlock(nn.Module):
         self.speech_from_text, self.text_from_speech = attention(), attention()
         self.speech_self, self.text_self = attention(), attention()
 
-    def forward(self, speech: torch.Tensor, text: torch.Tensor, mask: torch.Tensor):
-        speech, text = self.speech_from_text(speech, text, mask), self.text_from_speech(text, speech, mask)
-        return self.speech_self(speech, speech, mask), self.text_self(text, text, mask)
+    def forward(self, speech: torch.Tensor, text: torch.Tensor, packing: Packing):
+        """speech, text: (N, width), the real positions of `packing` (the blocks run packed, see AttentionBlock)."""
+        speech, text = (self.speech_from_text.forward_packed(speech, text, packing),
+                        self.text_from_speech.forward_packed(text, speech, packing))
+        return (self.speech_self.forward_packed(speech, speech, packing),
+                self.text_self.forward_packed(text, text, packing))
 
 
 class CrossModalExpert(nn.Module):
@@ -169,9 +180,11 @@ class CrossModalExpert(nn.Module):
 
     def forward(self, speech_x: torch.Tensor, text_x: torch.Tensor, mask: torch.Tensor):
         m = mask.unsqueeze(-1).to(speech_x.dtype)
-        speech, text = self.speech_in(speech_x) * m, self.text_in(text_x) * m
+        packing = Packing(mask)  # the blocks run on the real positions, packed once for all of them
+        speech, text = self.speech_in(packing.pack(speech_x)), self.text_in(packing.pack(text_x))
         for block in self.blocks:
-            speech, text = block(speech, text, mask)
+            speech, text = block(speech, text, packing)
+        speech, text = packing.unpack(speech), packing.unpack(text)
         speech = (speech + self.speech_skip(speech_x)) * m  # the contrastive views
         text = (text + self.text_skip(text_x)) * m
         state = F.relu(self.fuse(self.norm(torch.cat([text, speech], dim=-1))))  # (B, T, width)
@@ -242,9 +255,12 @@ class MisterE(nn.Module):
              for m in self.modalities}
 
         states, logits = {}, {}
-        for m in self.modalities:
-            name = EXPERT_OF[m]
-            states[name], logits[name] = self.experts[name](x[m], mask)
+        experts = [self.experts[EXPERT_OF[m]] for m in self.modalities]
+        # The speech and text experts' GRUs run as one recurrence (their maths unchanged, see stacked_bigru)
+        local = [e.local(x[m], mask) for e, m in zip(experts, self.modalities)]
+        recurrent = stacked_bigru([e.gru for e in experts], local, mask)
+        for m, expert, r in zip(self.modalities, experts, recurrent):
+            states[EXPERT_OF[m]], logits[EXPERT_OF[m]] = expert.finish(x[m], r, mask)
         if self.cross is not None:
             speech_view, text_view, states["cross"], logits["cross"] = self.cross(x[SPEECH], x[TEXT], mask)
 

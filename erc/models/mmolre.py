@@ -95,7 +95,8 @@ from torch import nn
 
 from erc.data.dialogues import IGNORE, Batch
 from erc.models import Gates, ModelOutput, ModelSpec, register
-from erc.models.blocks import LowRankExpert, MaskedBiGRU, cross_entropy, load_balance, score_l1, top_k_gates
+from erc.models.blocks import (Dropout, LowRankExpert, MaskedBiGRU, cross_entropy, load_balance, low_rank_down,
+                               low_rank_mix, score_l1, stacked_bigru, top_k_gates)
 
 
 @dataclass
@@ -124,25 +125,34 @@ class UniTSEBlock(nn.Module):
 
     def __init__(self, dim: int, rank: int, num_shared: int, tasks: list[str], top_k: int, dropout: float):
         super().__init__()
-        self.top_k = top_k
+        self.top_k, self.rank = top_k, rank
         self.shared = nn.ModuleList(LowRankExpert(dim, rank) for _ in range(num_shared))
         self.specific = nn.ModuleDict({t: LowRankExpert(dim, rank) for t in tasks})
         self.router = nn.ModuleDict({t: nn.Linear(dim, num_shared + 1) for t in tasks})
         self.norm = nn.ModuleDict({t: nn.LayerNorm(dim) for t in tasks})
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, streams: dict[str, torch.Tensor], mask: torch.Tensor):
         """streams: {task: (B, T, d)}; mask: (B, T) positions where this modality is real.
-        Returns the new streams, the gates {task: (B, T, N+1)} and the balance terms {task: scalar}."""
+        Returns the new streams, the gates {task: (B, T, N+1)} and the balance terms {task: scalar}.
+
+        The experts run batched (`low_rank_down` / `low_rank_mix`): one matmul for the down-projections of all
+        the experts that see a stream, one for each task's gated up-projections; the same function as summing
+        `gate_e * expert_e(h)` over the experts one by one, up to float summation order."""
         keep = mask.unsqueeze(-1).to(next(iter(streams.values())).dtype)
-        shared_out = {}  # block 1 gives every task the same tensor: run the shared experts on it once
+        shared = list(self.shared)
+        down = {}  # block 1 gives every task the same tensor: down-project it once for all of its tasks' experts
         new, gates, balance = {}, {}, {}
         for task, x in streams.items():
-            if id(x) not in shared_out:
-                shared_out[id(x)] = [expert(x, mask) for expert in self.shared]
-            experts = torch.stack(shared_out[id(x)] + [self.specific[task](x, mask)], dim=-2)  # (B, T, N+1, d)
+            if id(x) not in down:
+                group = [t for t, y in streams.items() if y is x]
+                down[id(x)] = group, low_rank_down(shared + [self.specific[t] for t in group], x, mask)
+            group, h = down[id(x)]  # (B, T, (N + len(group)) * r)
+            n, r = len(shared) * self.rank, self.rank
+            own = n + group.index(task) * r
+            h = torch.cat([h[..., :n], h[..., own:own + r]], dim=-1) if len(group) > 1 else h
             g, probs = top_k_gates(self.router[task](x), self.top_k)  # (B, T, N+1)
-            mixed = (g.unsqueeze(-1) * experts).sum(-2)  # (B, T, d)
+            mixed = low_rank_mix(shared + [self.specific[task]], h, g) * keep  # (B, T, d)
             new[task] = self.norm[task](x + self.dropout(mixed)) * keep
             gates[task] = g * keep
             balance[task] = load_balance(probs, g, mask)
@@ -189,7 +199,7 @@ class MMoLRE(nn.Module):
             classes["sentiment"] = spec.num_sentiment_classes
         d = config.hidden
         self.project = nn.ModuleDict({m: nn.Sequential(nn.Linear(spec.input_dims[m], d), nn.LayerNorm(d),
-                                                       nn.Dropout(config.dropout)) for m in self.modalities})
+                                                       Dropout(config.dropout)) for m in self.modalities})
         if config.dialogue_context not in ("none", "gru"):
             raise ValueError(f"dialogue_context must be 'none' or 'gru', got {config.dialogue_context!r}")
         self.context = nn.ModuleDict({m: MaskedBiGRU(d, d // 2) for m in self.modalities}) \
@@ -198,7 +208,7 @@ class MMoLRE(nn.Module):
             UniTSEBlock(d, config.rank, config.num_shared, self.tasks, config.top_k, config.dropout)
             for _ in range(config.num_blocks)) for m in self.modalities})
         self.fusion = nn.ModuleDict({t: TaskAdaptiveFusion(d) for t in self.tasks})
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.heads = nn.ModuleDict({t: nn.Linear(d, classes[t]) for t in self.tasks})
         self.score_head = nn.Linear(d, 1) if spec.has_score else None
         weights = torch.tensor(spec.class_weights, dtype=torch.float32) if spec.class_weights else None
@@ -223,12 +233,13 @@ class MMoLRE(nn.Module):
     def forward(self, batch: Batch) -> ModelOutput:
         extras, balance = {}, []
         per_task = {t: [] for t in self.tasks}  # task -> [(B, T, d) per modality]
-        for m in self.modalities:
+        keep = {m: batch.modality_mask[m].unsqueeze(-1).to(batch.features[m].dtype) for m in self.modalities}
+        xs = [self.project[m](batch.features[m]) * keep[m] for m in self.modalities]
+        if self.context is not None:  # the modalities' GRUs as one recurrence (see stacked_bigru)
+            context = stacked_bigru([self.context[m] for m in self.modalities], xs, batch.mask)
+            xs = [(x + c) * keep[m] for m, x, c in zip(self.modalities, xs, context)]
+        for m, x in zip(self.modalities, xs):
             present = batch.modality_mask[m]  # (B, T): real utterance with this modality
-            keep = present.unsqueeze(-1).to(batch.features[m].dtype)
-            x = self.project[m](batch.features[m]) * keep
-            if self.context is not None:
-                x = (x + self.context[m](x, batch.mask)) * keep
             streams = {t: x for t in self.tasks}  # the features, duplicated per task
             for i, block in enumerate(self.unitse[m]):
                 streams, gates, terms = block(streams, present)

@@ -74,11 +74,12 @@ def gather(obj) -> list:
     return out
 
 
-def make_optimizer(cfg, parameters) -> torch.optim.Optimizer:
+def make_optimizer(cfg, parameters, fused: bool = False) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay), or Adam with the decay as an L2 term of the gradient (the official code of
-    SDT and of most ERC papers)."""
+    SDT and of most ERC papers). `fused`: one kernel over all the parameters instead of a few small ops per tensor
+    (the same update up to float rounding; 5x faster on CPU for the models here, whose ~250 tensors are small)."""
     kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return kind(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return kind(parameters, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 class DDPStepper:
@@ -99,7 +100,7 @@ class DDPStepper:
         else:  # also outside Ray Train: a Tune trial runs the loop in its own process
             self.model = model.to(device)
         self.module = self.model.module if hasattr(self.model, "module") else self.model
-        self.optimizer = make_optimizer(cfg, self.model.parameters())
+        self.optimizer = make_optimizer(cfg, self.model.parameters(), fused=True)
         self.input_dtype = None  # weights stay fp32; bf16 runs under autocast
 
     def __call__(self, batch):

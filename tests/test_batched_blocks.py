@@ -1,0 +1,101 @@
+"""The batched forms of erc.models.blocks' layers (issue 33: MMoLRE's and MiSTER-E's epochs) against the layers
+they replace: several GRUs as one recurrence, several convolutions as one matmul, and AdamW fused."""
+
+import pytest
+import torch
+from torch import nn
+
+from erc.models.blocks import AttentionBlock, MaskedBiGRU, MaskedConv1d, stacked_bigru, stacked_conv1d
+from tests.fixtures import one_torch_thread
+
+MASK = torch.tensor([[True] * 6, [True, True, True, False, False, False], [True] + [False] * 5])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with one_torch_thread():
+        yield
+
+
+def outputs_and_grads(fn, inputs: list[torch.Tensor], modules: list[nn.Module]):
+    """fn(inputs) -> list of outputs; returns them with the gradients of a fixed random projection of them."""
+    inputs = [x.detach().requires_grad_() for x in inputs]
+    for m in modules:
+        m.zero_grad()
+    outs = fn(inputs)
+    weight = torch.Generator().manual_seed(7)
+    sum((o * torch.randn(o.shape, generator=weight)).sum() for o in outs).backward()
+    return outs, [x.grad for x in inputs] + [p.grad.clone() for m in modules for p in m.parameters()]
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_stacked_bigru_equals_each_packed_gru(layers):
+    """Two bidirectional GRUs as one recurrence equal nn.GRU on packed sequences, outputs and gradients, for
+    dialogues of every length (the reverse direction must start at each dialogue's own last utterance)."""
+    torch.manual_seed(0)
+    grus = [MaskedBiGRU(5, 4, num_layers=layers).eval() for _ in range(2)]
+    xs = [torch.randn(3, 6, 5) for _ in grus]
+    stacked, stacked_grads = outputs_and_grads(lambda xs: stacked_bigru(grus, xs, MASK), xs, grus)
+    packed, packed_grads = outputs_and_grads(lambda xs: [g.packed(x, MASK) for g, x in zip(grus, xs)], xs, grus)
+    for a, b in zip(stacked + stacked_grads, packed + packed_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert (stacked[0][~MASK] == 0).all() and stacked[0][MASK].abs().min() > 0
+    torch.testing.assert_close(grus[0](xs[0], MASK), packed[0].detach(), atol=1e-6, rtol=1e-5)  # forward: the same
+
+
+def test_stacked_bigru_runs_several_grus_in_the_kernels_of_one():
+    """The point of stacking: two GRUs launch no more matrix kernels than one."""
+    from tests.test_model_mmolre import matmul_kernels
+
+    torch.manual_seed(0)
+    grus = [MaskedBiGRU(5, 4, num_layers=2) for _ in range(2)]
+    xs = [torch.randn(3, 6, 5) for _ in grus]
+    one = matmul_kernels(lambda: stacked_bigru(grus[:1], xs[:1], MASK)[0].sum().backward())
+    two = matmul_kernels(lambda: sum(o.sum() for o in stacked_bigru(grus, xs, MASK)).backward())
+    assert one == two
+
+
+def test_stacked_bigru_refuses_grus_of_different_shapes():
+    with pytest.raises(ValueError, match="shapes differ"):
+        stacked_bigru([MaskedBiGRU(5, 4), MaskedBiGRU(5, 3)], [torch.zeros(3, 6, 5)] * 2, MASK)
+
+
+def test_stacked_conv1d_equals_each_masked_conv():
+    """MiSTER-E's kernel-1, -3 and -5 branches as one matmul over one window equal the three convolutions."""
+    torch.manual_seed(0)
+    convs = [MaskedConv1d(5, 4, kernel_size=k, padding=k // 2) for k in (1, 3, 5)]
+    x = torch.randn(3, 6, 5)
+    (stacked,), stacked_grads = outputs_and_grads(lambda xs: [stacked_conv1d(convs, xs[0], MASK)], [x], convs)
+    (looped,), looped_grads = outputs_and_grads(lambda xs: [torch.cat([c(xs[0], MASK) for c in convs], -1)], [x], convs)
+    torch.testing.assert_close(stacked, looped, atol=1e-6, rtol=1e-5)
+    for a, b in zip(stacked_grads, looped_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="odd kernels"):
+        stacked_conv1d([MaskedConv1d(5, 4, kernel_size=2, padding=1)], x, MASK)
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_attention_with_fused_projections_equals_separate_ones(self_attention):
+    """AttentionBlock runs the projections that share an input as one matmul: the same as q, k, v one by one."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    block = AttentionBlock(8, 2, attn_dim=6).eval()
+    query = torch.randn(3, 6, 8)
+    context = query if self_attention else torch.randn(3, 6, 8)
+    B, T = MASK.shape
+    heads = lambda t: t.view(B, T, 2, -1).transpose(1, 2)  # noqa: E731
+    q, k, v = heads(block.q(query)), heads(block.k(context)), heads(block.v(context))
+    attended = F.scaled_dot_product_attention(q, k, v, attn_mask=MASK[:, None, None, :]).transpose(1, 2).flatten(2)
+    expected = block.norm(query + block.out(attended)) * MASK.unsqueeze(-1)
+    torch.testing.assert_close(block(query, context, MASK), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_the_training_optimizer_is_fused():
+    """AdamW fused (one kernel over all the parameters: 5x faster on CPU for MiSTER-E's 246 small tensors)."""
+    from erc.training.config import TrainConfig
+    from erc.training.distributed import DDPStepper
+
+    cfg = TrainConfig(dataset="x", prepared="x", inputs={})
+    stepper = DDPStepper(cfg, nn.Linear(3, 2), 1, torch.device("cpu"))
+    assert stepper.optimizer.defaults["fused"] is True
