@@ -66,6 +66,8 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per worker per optimizer step
     num_workers: int = 0  # 0: Ray Train's local mode, the loop in this process; N: a worker group of N
     cpus_per_worker: float | None = None  # None: the machine's CPUs shared evenly
+    parallel_seeds: str | int = "auto"  # local mode on CPU: processes training the seeds side by side (auto: as
+    # many as the CPUs hold at cpus_per_worker threads each); the driver records the number it used (1: one process)
     use_gpu: bool = False  # one GPU per worker
     placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD, STRICT_SPREAD, STRICT_PACK
     backend: str = "auto"  # ddp | deepspeed | auto (DeepSpeed on GPUs, DDP on CPU)
@@ -163,6 +165,7 @@ TRAIN_CHOICES = {
     "optimizer": Literal["adamw", "adam"],
     "speakers": Literal["appearance", "name"],
     "protocol": Literal[tuple(PROTOCOLS)],
+    "parallel_seeds": Literal["auto"] | Annotated[int, Field(ge=1)],
 }
 TRAIN_SECTIONS = ("seeds", "per_model", "per_dataset")  # the structure of `train`, not TrainConfig fields
 # Model config fields, by name: a fraction, a positive size, a positive temperature, a non-negative weight.

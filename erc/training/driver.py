@@ -2,12 +2,16 @@
 
 `run_all(configs)` checks the inputs (before Ray or MLflow start), opens one MLflow run per seed, trains them in
 one TorchTrainer (`fit`: one worker group, the data loaded once per worker; 0 workers is Ray Train's local mode,
-the loop in this process), and collects what the runs recorded. The loop itself is `erc.training.loop`.
+the loop in this process), and collects what the runs recorded. In local mode on CPU the seeds may instead train
+side by side (`train.parallel_seeds`: `side_by_side`), a local-mode fit per process. The loop itself is
+`erc.training.loop`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -65,6 +69,47 @@ def fit(runs: list[TrainConfig], callbacks=(), evaluate_test: bool = True):
     )
     return trainer.fit()
 
+def side_by_side(runs: list[TrainConfig]) -> int:
+    """How many processes train the seeds side by side (`train.parallel_seeds`), and so each seed's threads
+    (`cpus_per_worker`), both set in the configs, where the runs record them. Only in local mode on CPU: a worker
+    group's CPUs are Ray's to share, and local mode has one GPU."""
+    cfg, cpus = runs[0], os.cpu_count() or 1
+    wanted = cfg.parallel_seeds
+    if cfg.num_workers or cfg.use_gpu:
+        wanted = 1
+    elif wanted == "auto":  # cpus_per_worker null: the CPUs shared by the seeds, at least one thread each
+        wanted = cpus // (cfg.cpus_per_worker or max(1, cpus // len(runs)))
+    processes = max(1, min(int(wanted), len(runs)))
+    for r in runs:
+        r.parallel_seeds = processes
+        r.cpus_per_worker = r.cpus_per_worker or max(1, cpus // (processes * max(r.num_workers, 1)))
+    return processes
+
+
+def fit_side_by_side(runs: list[TrainConfig], processes: int) -> None:
+    """The runs dealt to `processes` processes (seed i to process i mod n), each a local-mode `fit` of its own.
+    They share nothing but the MLflow store, so each seed has the numbers it has trained alone at its thread count.
+    The first error is raised here, and leaving stops the other processes (the caller ends their runs)."""
+    # spawn: a fresh interpreter, not a fork of this one with its threads (MLflow's, RunProgress's) and torch's pools.
+    # The processes ignore Ctrl-C, which reaches the whole process group: the driver stops them, without a traceback.
+    ignore_ctrl_c = functools.partial(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    with multiprocessing.get_context("spawn").Pool(processes, initializer=ignore_ctrl_c) as pool:
+        pending = [pool.apply_async(fit_part, (runs[i::processes],)) for i in range(processes)]
+        while pending:
+            pending[0].wait(0.5)
+            done = [p for p in pending if p.ready()]
+            for p in done:
+                p.get()
+            pending = [p for p in pending if p not in done]
+
+
+def fit_part(runs: list[TrainConfig]) -> None:
+    """One side-by-side process's seeds."""
+    result = fit(runs)
+    if result.error:
+        raise result.error
+
+
 def resolve_locations(cfg: TrainConfig) -> None:
     """Absolute data paths (workers do not share the driver's working directory), checked to exist, and the
     tracking URI. Runs in the driver before Ray or MLflow start: a missing input is one line, never a worker's."""
@@ -116,6 +161,7 @@ def run_all(runs: list[TrainConfig], *, tags: dict | None = None, export_checkpo
         resolve_locations(cfg)
         cfg.run_id = None
     first = runs[0]
+    processes = side_by_side(runs)
     with clock("ray_init") if first.num_workers else nullcontext():
         start_ray(first.num_workers, first.use_gpu)
     client = mlflow.MlflowClient(first.tracking_uri)
@@ -127,9 +173,12 @@ def run_all(runs: list[TrainConfig], *, tags: dict | None = None, export_checkpo
         for cfg in runs:
             client.log_batch(cfg.run_id, metrics=[metric(f"time_driver_{k}_s", v) for k, v in clock.seconds.items()])
         with RunProgress(client, runs):
-            result = fit(runs)
-        if result.error:
-            raise result.error
+            if processes > 1:
+                fit_side_by_side(runs, processes)
+            else:
+                result = fit(runs)
+                if result.error:
+                    raise result.error
         results = []
         for cfg in runs:
             found = client.get_run(cfg.run_id)

@@ -133,7 +133,7 @@ def train_one(cfg: TrainConfig, index: int, task: Task, session, clock: Clock, r
         with clock("mlflow"):
             client = mlflow.MlflowClient(cfg.tracking_uri)
             client.set_tag(cfg.run_id, "ray_nodes", str(len(set(nodes))))
-            client.set_tag(cfg.run_id, "worker_pid", str(os.getpid()))  # the seeds of a stage share one worker
+            client.set_tag(cfg.run_id, "worker_pid", str(os.getpid()))  # a stage's seeds share it (parallel_seeds: 1)
             # what this worker does on the device it has (precision auto follows the device, not use_gpu)
             tracking.log_params(client, cfg.run_id, distributed.in_use(stepper))
             if state["restored_from"]:
