@@ -169,7 +169,8 @@ def log_confusion(client, run_id: str, cm: np.ndarray, labels: list[str], title:
 
 
 def log_predictions(client, run_id: str, task, pred: dict) -> None:
-    """The test predictions as `test_predictions.csv` (dialogue_id, utterance_id, actual, predicted[, scores]):
+    """The test predictions as `test_predictions.csv` (dialogue_id, utterance_id, actual, predicted, p_<label> per
+    class[, scores]):
     the leaderboard's intervals and paired tests resample them by dialogue."""
     import pandas as pd
 
@@ -180,6 +181,9 @@ def log_predictions(client, run_id: str, task, pred: dict) -> None:
                        "actual": labels[pred["true"]], "predicted": labels[pred["pred"]]})
     if "score_pred" in pred:
         df["score_actual"], df["score_predicted"] = pred["score_true"], pred["score_pred"]
+    if "probs" in pred:  # what `erc predict` on the same inputs must give again
+        for i, label in enumerate(task.labels):
+            df[f"p_{label}"] = pred["probs"][:, i]
     with tempfile.TemporaryDirectory() as tmp:
         df.to_csv(Path(tmp) / "test_predictions.csv", index=False)
         client.log_artifact(run_id, str(Path(tmp) / "test_predictions.csv"))
@@ -280,6 +284,17 @@ def model_info(cfg, task) -> dict:
             "speaker_names": task.speaker_names}  # None: indexed by first turn; a list: the index of `speakers: name`
 
 
+def pyfunc_flavor(directory, model_id: str, run_id: str) -> None:
+    """An MLmodel file in `directory`: the logged model as an MLflow pyfunc (`erc.serving.pyfunc`), so that
+    `mlflow models serve -m models:/<name>@<alias> --env-manager local` answers with erc's predictions."""
+    from mlflow.models import Model
+    from mlflow.pyfunc import add_to_model
+
+    mlmodel = Model(model_id=model_id, run_id=run_id)
+    add_to_model(mlmodel, loader_module="erc.serving.pyfunc")  # no environment: it runs in erc's own
+    mlmodel.save(Path(directory) / "MLmodel")
+
+
 def log_trained_model(client, cfg, task, checkpoint_dir, metrics: dict) -> str:
     """The run's dataset inputs, its selected checkpoint as a logged model (with `MODEL_INFO` and, for a model
     that distils from a teacher, the teacher's checkpoint under teacher/), its test metrics linked to the model,
@@ -303,6 +318,7 @@ def log_trained_model(client, cfg, task, checkpoint_dir, metrics: dict) -> str:
             if teacher:
                 shutil.copytree(teacher, Path(tmp) / "teacher")
             (Path(tmp) / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
+            pyfunc_flavor(tmp, logged.model_id, cfg.run_id)
             client.log_model_artifacts(logged.model_id, tmp)
         client.finalize_logged_model(logged.model_id, "READY")
     except BaseException:

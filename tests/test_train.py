@@ -141,7 +141,9 @@ def test_artifacts_and_predictions(emotion_run, tiny_emotion, tmp_path):
     preds = pd.read_csv(client.download_artifacts(run_id, "test_predictions.csv", str(tmp_path)))
     table = canonical.load(tiny_emotion).table
     test = table[table["split"] == "test"]
-    assert list(preds.columns) == ["dialogue_id", "utterance_id", "actual", "predicted"]
+    assert list(preds.columns) == ["dialogue_id", "utterance_id", "actual", "predicted", "p_a", "p_b", "p_c"]
+    probs = preds[["p_a", "p_b", "p_c"]].to_numpy()
+    assert np.allclose(probs.sum(1), 1) and (np.array(["a", "b", "c"])[probs.argmax(1)] == preds["predicted"]).all()
     assert len(preds) == int((test["emotion_id"] >= 0).sum())
     assert set(preds["utterance_id"]) == set(test["utterance_id"])
     truth = dict(zip(test["utterance_id"], test["emotion"]))
@@ -187,8 +189,9 @@ def test_mosi_run_reports_sentiment_figures_and_stops_early(mosi_run, tiny_mosi,
     assert metrics["selected_epoch"] == 0  # the first of equal maxima, not a later tie
     assert result["selected_epoch"] == 0
     preds = pd.read_csv(client.download_artifacts(run_id, "test_predictions.csv", str(tmp_path)))
-    assert list(preds.columns) == ["dialogue_id", "utterance_id", "actual", "predicted", "score_actual",
-                                    "score_predicted"]
+    assert list(preds.columns)[:6] == ["dialogue_id", "utterance_id", "actual", "predicted", "score_actual",
+                                        "score_predicted"]
+    assert all(c.startswith("p_") for c in preds.columns[6:]) and len(preds.columns) == 8  # MOSI: two classes
     table = canonical.load(tiny_mosi).table
     assert len(preds) == int((table["split"] == "test").sum())
     assert np.abs(preds["score_actual"] - preds["score_predicted"]).mean() == pytest.approx(metrics["test_mae"], rel=1e-5)

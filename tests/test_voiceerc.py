@@ -47,6 +47,8 @@ def test_meld_rows_join_by_split_and_file_name(tmp_path, monkeypatch):
     assert fs.present.tolist() == [True, True, True, True, False]
     assert fs.values[1, 3] == 200.0 and fs.values[1, 6] == 8.0  # empty cells: the training median
     assert fs.info["empty_cells_filled_with_train_median"] == {"avg_pitch": 1, "articulation_rate": 1}
+    # recorded, so that a clip recomputed at prediction is filled as training filled it
+    assert fs.info["train_median"]["avg_pitch"] == 200.0 and fs.info["train_median"]["duration"] == 2.0
     assert fs.values[3, 0] == 9.0 and not fs.values[4].any()
 
 

@@ -45,7 +45,9 @@ def _feature_set(table: pd.DataFrame, by_id: dict[str, np.ndarray], sources: lis
     values = np.where(empty, medians, values)
     values[~present] = 0.0
     values = check_features(values, source=sources[0])
-    info = {"columns": COLUMNS, "empty_cells_filled_with_train_median": {c: int(n) for c, n in zip(COLUMNS, empty.sum(0)) if n}}
+    # the medians too: prediction fills a recomputed clip's empty cells as training did (erc.features.prosody)
+    info = {"columns": COLUMNS, "empty_cells_filled_with_train_median": {c: int(n) for c, n in zip(COLUMNS, empty.sum(0)) if n},
+            "train_median": {c: float(m) for c, m in zip(COLUMNS, medians)}}
     return FeatureSet("prosody8", "audio", values, sources, None if present.all() else present, info)
 
 

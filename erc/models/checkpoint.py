@@ -101,14 +101,24 @@ def load_model(ref: str, tracking_uri: str | None = None) -> LoadedModel:
     uri = tracking_uri or tracking.tracking_uri()
     location, source = model_location(mlflow.MlflowClient(uri), ref)
     with tempfile.TemporaryDirectory(prefix="erc-model-") as download:
-        tmp = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=download, tracking_uri=uri))
-        info_path = tmp / tracking.MODEL_INFO
-        if not info_path.is_file():
-            raise ErcDataError(source, f"has no {tracking.MODEL_INFO}: not an erc model")
-        info = json.loads(info_path.read_text())
-        # A distilling model's teacher travels with it; the weights of both are in model.pt (weights only).
-        overrides = {"teacher_checkpoint": str(tmp / "teacher")} if (tmp / "teacher").is_dir() else None
-        model, _ = load_checkpoint(tmp, overrides)
-        state = torch.load(tmp / "model.pt", map_location="cpu", weights_only=True)
+        tmp = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=download, tracking_uri=uri)
+        return load_logged(tmp, source)
+
+
+def load_logged(directory, source: str | None = None) -> LoadedModel:
+    """A logged erc model from its downloaded files (what `erc.tracking.log_trained_model` logs): `load_model` once
+    downloaded, and MLflow's pyfunc loader (`erc.serving.pyfunc`), which is handed the directory."""
+    from erc import tracking
+
+    directory = Path(directory)
+    source = source or str(directory)
+    info_path = directory / tracking.MODEL_INFO
+    if not info_path.is_file():
+        raise ErcDataError(source, f"has no {tracking.MODEL_INFO}: not an erc model")
+    info = json.loads(info_path.read_text())
+    # A distilling model's teacher travels with it; the weights of both are in model.pt (weights only).
+    overrides = {"teacher_checkpoint": str(directory / "teacher")} if (directory / "teacher").is_dir() else None
+    model, _ = load_checkpoint(directory, overrides)
+    state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
     stats = {name: (s["mean"].numpy(), s["std"].numpy()) for name, s in state["feature_stats"].items()}
     return LoadedModel(model.eval(), info, stats, source)

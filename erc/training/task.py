@@ -17,7 +17,7 @@ import torch
 from erc.data import canonical
 from erc.data.dialogues import IGNORE, DialogueData, feature_stats, speaker_names, split_data
 from erc.metrics import split_metrics
-from erc.models import ModelSpec
+from erc.models import ModelSpec, probabilities
 from erc.training.config import TrainConfig, class_weights_for
 
 
@@ -75,19 +75,21 @@ def predict(model, data: DialogueData, batch_size: int = 32, device="cpu", float
     model.eval()
     if not len(data):
         return {}
-    rows, true, pred, score_true, score_pred = [], [], [], [], []
+    rows, true, pred, probs, score_true, score_pred = [], [], [], [], [], []
     for batch in data.batches(batch_size):
         out = model(batch.to(device, float_dtype))
         keep = batch.labels != IGNORE
         rows.append(batch.rows[keep].numpy())
         true.append(batch.labels[keep].numpy())
         pred.append(out.logits.argmax(-1).cpu()[keep].numpy())
+        probs.append(probabilities(out).cpu()[keep].numpy())
         if out.score is not None:
             score_true.append(batch.score[keep].numpy())
             score_pred.append(out.score.float().cpu()[keep].numpy())
-    return merge_predictions([{"rows": np.concatenate(rows), "true": np.concatenate(true), "pred": np.concatenate(pred),
-                               **({"score_true": np.concatenate(score_true), "score_pred": np.concatenate(score_pred)}
-                                  if score_pred else {})}])
+    found = {"rows": rows, "true": true, "pred": pred, "probs": probs}
+    if score_pred:
+        found.update(score_true=score_true, score_pred=score_pred)
+    return merge_predictions([{k: np.concatenate(v) for k, v in found.items()}])
 
 def merge_predictions(parts: list[dict]) -> dict[str, np.ndarray]:
     """One split's predictions from several workers' parts, in table-row order."""
