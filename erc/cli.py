@@ -2,6 +2,7 @@
 
     erc check-data meld              # what prepare would write for a dataset, and every problem, writing nothing
     erc predict talk.csv --model erc-iemocap-mister_e@best   # a registered model on a new conversation
+    erc serve erc-iemocap-mister_e@best --replicas 2          # ... answering HTTP requests on 127.0.0.1:8000
 
 A new subcommand is one line in COMMANDS.
 """
@@ -13,7 +14,9 @@ import sys
 
 COMMANDS = {  # name -> (module with main(argv), one line of help)
     "check-data": ("erc.data.check", "show what a dataset's adapter would produce, and every problem, writing nothing"),
-    "predict": ("erc.serving.predict", "a trained model on a new conversation: each utterance's emotion, probabilities, gates"),
+    "predict": ("erc.serving.predict", "a trained model on a new conversation (text, features, audio or video): each "
+                                       "utterance's emotion, probabilities, gates"),
+    "serve": ("erc.serving.serve", "a trained model answering conversations over HTTP (Ray Serve, batched, replicas)"),
 }
 
 

@@ -3,16 +3,24 @@
     erc predict conversation.csv --model erc-iemocap-mister_e@best          # a registered model and alias
     erc predict conversation.jsonl --model erc-meld-sdt/3 --json            # ... and version, as JSON
     erc predict conversation.csv --model 0f3c...e1 --out predictions.jsonl  # an MLflow run id, to a file
+    erc predict --recording call.wav --segments turns.csv --model erc-meld-sdt@best   # one recording, cut in turns
 
 The conversation is a CSV or JSONL file, one utterance per row in turn order: `speaker` and `text`, and
 optionally precomputed features per modality, `<modality>_features` (a list of numbers; in a CSV cell a JSON
 list or numbers separated by spaces) or `<modality>_path` (a .npy file holding the vector), e.g.
-`audio_features`. An optional `dialogue_id` column holds several conversations. Text is featurized with the
+`audio_features`, or media: an `audio` or `video` column (a path relative to the file's folder, or absolute) with
+optional `start` and `end` seconds, from which the model's feature sets are recomputed by the featurize stage's own
+code and settings (`erc.serving.media`; a set that erc cannot recompute is an error naming it, unless `--missing
+audio` asks for the model's missing-audio path). An optional `dialogue_id` column holds several conversations.
+Instead of a file, `--recording` with `--segments` gives one recording cut into turns. `--asr MODEL` (a Whisper
+model) transcribes the utterances that have audio and no text (`erc.serving.recording`); the output marks each
+text's `text_source`, given or asr. Text is featurized with the
 encoder recorded with the model's feature set (`erc.features.text`), cut to its max_length tokens (a note on
-stderr says how many texts were); a modality the file does not give, or a row with an empty cell, is missing
-for the model: its modality mask is False, the model's own missing-modality path; a column the model does not
-read (`video_features` for a text+audio model) is named in a warning, as one file may serve models of different
-inputs. Every logged erc model carries its feature-set names, their dims and encoders, and its label names
+stderr says how many texts were); a modality the file does not give (a note on stderr says so), a row with an
+empty cell, or a `--missing` modality is missing for the model: its modality mask is False, the model's own
+missing-modality path; a column the model does not read (`video_features` for a text+audio model) is named in a
+warning, as one file may serve models of different inputs. Every logged erc model carries its feature-set names,
+their dims and encoders, and its label names
 (`erc.tracking.MODEL_INFO`), and its feature standardisation in the checkpoint.
 
 The terminal gets a table for people: one line per utterance, the text cut to the terminal's width (COLUMNS, or
@@ -38,8 +46,9 @@ import pandas as pd
 
 from erc.data.dialogues import IGNORE, Dialogue, DialogueData, speaker_index
 from erc.errors import ErcDataError
-from erc.models.checkpoint import LoadedModel, load_model
 from erc.evaluation.inference import Outputs, infer
+from erc.models.checkpoint import LoadedModel, load_model
+from erc.serving.media import MEDIA_COLUMNS, MediaInputs, media_columns, media_inputs
 
 BATCH_UTTERANCES = 1024  # whole dialogues are gathered up to this many utterances per encode-and-predict step
 PROGRESS_UTTERANCES = 5000  # an input this large gets a progress line on stderr
@@ -64,6 +73,11 @@ def read_conversation(path) -> pd.DataFrame:
             table = pd.read_json(path, lines=True, dtype=False)
     except (ValueError, pd.errors.ParserError) as e:
         raise ErcDataError(path, f"unreadable ({str(e).splitlines()[0]})") from None
+    return conversation_table(table, path)
+
+
+def conversation_table(table: pd.DataFrame, path) -> pd.DataFrame:
+    """A conversation's utterances as read (from `path`, or a request), with a `speaker` column and a `dialogue_id`."""
     if not len(table):
         raise ErcDataError(path, "empty conversation: no utterances")
     if "speaker" not in table:
@@ -102,16 +116,20 @@ def _vector(value, path, row: int, column: str) -> np.ndarray | None:
 
 
 def modality_features(table: pd.DataFrame, path, loaded: LoadedModel, *, encoder=None, encode: bool = True,
-                      truncated: list | None = None):
+                      truncated: list | None = None, media: MediaInputs | None = None, missing=()):
     """{modality: (N, D) raw features}, {modality: (N,) present} for the modalities the model takes. `table` may be
     a part of the file (its index the file's rows, for messages); `encode=False` checks the cells and gives the
-    presence only (text not encoded, its values zero); `truncated` gets the count of texts cut for the encoder."""
+    presence only (text not encoded, media not read, values zero); `truncated` gets the count of texts cut for the
+    encoder. A row's precomputed vector comes first, then its media (`media_inputs`); a `missing` modality is
+    missing for every row."""
     features, present = {}, {}
     for modality, name in loaded.info["inputs"].items():
         fs = loaded.info["feature_sets"][name]
         dim = int(fs["dim"])
         columns = [c for c in (f"{modality}_features", f"{modality}_path") if c in table]
-        if columns:
+        if modality in missing:  # asked for (--missing): the model's own missing-modality path
+            values, has = np.zeros((len(table), dim), dtype=np.float32), np.zeros(len(table), dtype=bool)
+        elif columns:
             values, has = np.zeros((len(table), dim), dtype=np.float32), np.zeros(len(table), dtype=bool)
             for i, row in enumerate(table.index):
                 vector = next((v for c in columns if (v := _vector(table[c].iloc[i], path, row, c)) is not None), None)
@@ -137,14 +155,47 @@ def modality_features(table: pd.DataFrame, path, loaded: LoadedModel, *, encoder
                                              f"the model's feature set {name!r} has {dim}")
         else:  # not given and not computable here: missing for every utterance (the mask path)
             values, has = np.zeros((len(table), dim), dtype=np.float32), np.zeros(len(table), dtype=bool)
+        if media is not None and modality in media.recipes and modality not in missing and not has.all():
+            rest = np.flatnonzero(~has)
+            if encode:
+                values[rest], has[rest] = media.features(table.iloc[rest], path, modality, dim, loaded.stats.get(name))
+            else:
+                has[rest] = [item is not None for item in media.items(table.iloc[rest], path, modality)]
         features[modality], present[modality] = values, has
     return features, present
 
 
-def no_usable_input(path, loaded: LoadedModel) -> ErcDataError:
-    wanted = ", ".join(f"{m}_features" for m in loaded.info["inputs"])
+def no_usable_input(path, loaded: LoadedModel, missing=()) -> ErcDataError:
+    left = [m for m in loaded.info["inputs"] if m not in missing]
+    if not left:
+        return ErcDataError(path, f"no input the model can use: every modality it takes ({', '.join(missing)}) "
+                                  f"is --missing")
+    wanted = ", ".join(f"{m}_features" for m in left)
+    media = sorted({c for m in left for c in MEDIA_COLUMNS.get(m, ())})
     return ErcDataError(path, f"no input the model can use: give one of {wanted}"
-                              + (" or text" if "text" in loaded.info["inputs"] else ""))
+                              + (f", media ({', '.join(media)})" if media else "")
+                              + (" or text" if "text" in left else ""))
+
+
+def check_missing(missing, loaded: LoadedModel) -> tuple[str, ...]:
+    """`--missing` modalities, each one the model takes."""
+    inputs = loaded.info["inputs"]
+    for m in missing:
+        if m not in inputs:
+            raise ErcDataError("--missing", f"{m!r}: the model takes {', '.join(inputs)} only")
+    return tuple(dict.fromkeys(missing))
+
+
+def not_given(table: pd.DataFrame, loaded: LoadedModel, missing=()) -> list[str]:
+    """The modalities the model takes that `table` gives no column for (not text it encodes itself), and that
+    are not asked to be `missing`: their missing-modality path for every row, which the caller says."""
+    out = []
+    for m, name in loaded.info["inputs"].items():
+        encoded = m == "text" and loaded.info["feature_sets"][name].get("model") and "text" in table
+        if m not in missing and not encoded and not media_columns(table, m) \
+                and not any(c in table for c in (f"{m}_features", f"{m}_path")):
+            out.append(m)
+    return out
 
 
 def unused_columns(table: pd.DataFrame, loaded: LoadedModel) -> list[str]:
@@ -153,7 +204,8 @@ def unused_columns(table: pd.DataFrame, loaded: LoadedModel) -> list[str]:
     inputs = loaded.info["inputs"]
     return [c for c in table.columns
             if (c == "text" and "text" not in inputs)
-            or (c.endswith(("_features", "_path")) and c.rsplit("_", 1)[0] not in inputs)]
+            or (c.endswith(("_features", "_path")) and c.rsplit("_", 1)[0] not in inputs)
+            or (c in ("audio", "video") and not any(c in media_columns(table, m) for m in inputs))]
 
 
 def text_encoder(table: pd.DataFrame, loaded: LoadedModel):
@@ -235,6 +287,8 @@ def to_frame(table: pd.DataFrame, outputs: Outputs, labels: list[str]) -> pd.Dat
                         "speaker": table["speaker"].to_numpy()[outputs.rows],
                         "text": (table["text"] if "text" in table else pd.Series([""] * len(table))).to_numpy()[outputs.rows],
                         "emotion": np.asarray(labels, dtype=object)[outputs.pred]})
+    if "text_source" in table:  # given, or asr: which texts are transcripts
+        out.insert(3, "text_source", table["text_source"].to_numpy()[outputs.rows])
     for c, label in enumerate(labels):
         out[f"p_{label}"] = outputs.probs[:, c]
     for name, g in outputs.gates.items():
@@ -245,30 +299,33 @@ def to_frame(table: pd.DataFrame, outputs: Outputs, labels: list[str]) -> pd.Dat
     return out
 
 
-def check_conversation(table: pd.DataFrame, path, loaded: LoadedModel, size: int | None = None) -> None:
+def check_conversation(table: pd.DataFrame, path, loaded: LoadedModel, size: int | None = None, *,
+                       media: MediaInputs | None = None, missing=()) -> None:
     """Every cell and speaker the model reads checked before any prediction (a bad row 90,000 is found before
-    row 1 is printed); the vectors are parsed again when predicted, not kept: memory stays one part's."""
+    row 1 is printed; a media file that is not there, too); the vectors are parsed again when predicted, not
+    kept: memory stays one part's."""
     usable = False
     for rows in parts(table, size):
         part = table.iloc[rows]
-        _, present = modality_features(part, path, loaded, encode=False)
+        _, present = modality_features(part, path, loaded, encode=False, media=media, missing=missing)
         usable = usable or any(h.any() for h in present.values())
         names = loaded.info.get("speaker_names")
         if names is not None:
             for who in part.groupby("dialogue_id", sort=False)["speaker"]:
                 speaker_index(who[1].to_numpy(), names, str(path))
     if not usable:
-        raise no_usable_input(path, loaded)
+        raise no_usable_input(path, loaded, missing)
 
 
 def predict_parts(table: pd.DataFrame, path, loaded: LoadedModel, *, encoder=None, size: int | None = None,
-                  truncated: list | None = None, progress=None):
+                  truncated: list | None = None, progress=None, media: MediaInputs | None = None, missing=()):
     """Yield the predictions part by part (whole dialogues, about `size` utterances each), in the file's order of
     dialogues; `progress(done, total)` after each part. `table` is `read_conversation`'s, checked."""
     done = 0
     for rows in parts(table, size):
         part = table.iloc[rows]
-        features, present = modality_features(part, path, loaded, encoder=encoder, truncated=truncated)
+        features, present = modality_features(part, path, loaded, encoder=encoder, truncated=truncated, media=media,
+                                              missing=missing)
         part = part.reset_index(drop=True)
         data = conversation_data(part, features, present, loaded.stats, loaded.info["inputs"],
                                  loaded.info.get("speaker_names"), source=str(path))
@@ -278,14 +335,27 @@ def predict_parts(table: pd.DataFrame, path, loaded: LoadedModel, *, encoder=Non
             progress(done, len(table))
 
 
-def predict(conversation, model: str | LoadedModel, *, tracking_uri: str | None = None, encoder=None) -> pd.DataFrame:
+def predict(conversation, model: str | LoadedModel, *, tracking_uri: str | None = None, encoder=None,
+            missing=(), media: MediaInputs | None = None) -> pd.DataFrame:
     """Each utterance of `conversation` (a CSV/JSONL path) with the emotion `model` predicts (a run id, a registered
-    name with /version or @alias, models:/..., or a `load_model` result), its class probabilities and gates."""
+    name with /version or @alias, models:/..., or a `load_model` result), its class probabilities and gates.
+    `missing` modalities take the model's missing-modality path; `media` are `media_inputs`, loaded (built from
+    the file when not given)."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model, tracking_uri)
-    table = read_conversation(conversation)
-    check_conversation(table, conversation, loaded)
-    encoder = encoder or text_encoder(table, loaded)
-    frames = list(predict_parts(table, conversation, loaded, encoder=encoder))
+    return predict_table(read_conversation(conversation), conversation, loaded, encoder=encoder, missing=missing,
+                         media=media)
+
+
+def predict_table(table: pd.DataFrame, path, loaded: LoadedModel, *, encoder=None, missing=(),
+                  media: MediaInputs | None = None) -> pd.DataFrame:
+    """`predict` of a `conversation_table` (`path` names it in messages; media paths are relative to its folder)
+    with a loaded model."""
+    missing = check_missing(missing, loaded)
+    media = media or media_inputs(table, path, loaded.info, missing)
+    check_conversation(table, path, loaded, media=media, missing=missing)
+    encoder = encoder or (text_encoder(table, loaded) if "text" not in missing else None)
+    media = media.load() if media is not None else None
+    frames = list(predict_parts(table, path, loaded, encoder=encoder, media=media, missing=missing))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -296,7 +366,7 @@ def to_json(frame: pd.DataFrame, labels: list[str]) -> list[dict]:
     """The predictions as JSON records: utterance fields, probabilities {label: p}, gates {gate: {expert: w}}."""
     records = []
     for row in frame.to_dict("records"):
-        record = {k: row[k] for k in ("dialogue_id", "speaker", "text", "emotion")}
+        record = {k: row[k] for k in ("dialogue_id", "speaker", "text", "text_source", "emotion") if k in row}
         record["probabilities"] = {label: round(float(row[f"p_{label}"]), 6) for label in labels}
         gates = {}
         for key, value in row.items():
@@ -446,10 +516,22 @@ def main(argv=None) -> None:
     import argparse
 
     from erc.io import atomic_path, check_writable
+    from erc.serving.recording import check_asr, transcribe
 
     parser = argparse.ArgumentParser(prog="erc predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("conversation", help="a CSV or JSONL file: speaker, text[, <modality>_features | _path]")
+    parser.add_argument("conversation", nargs="?", help="a CSV or JSONL file: speaker, text[, <modality>_features | "
+                                                        "_path][, audio | video[, start, end]]")
+    parser.add_argument("--recording", help="instead of a conversation file: one recording (any format erc reads "
+                                            "audio from), cut by --segments")
+    parser.add_argument("--segments", help="with --recording: a table of its segments (.csv, .tsv, .json, .jsonl): "
+                                           "start, end (seconds), speaker[, text][, dialogue_id]")
+    parser.add_argument("--asr", metavar="MODEL", help="a Whisper model (hub id or local folder) that transcribes the "
+                                                       "utterances without text from their audio; marked text_source "
+                                                       "asr in the output")
+    parser.add_argument("--missing", action="append", default=[], metavar="MODALITY",
+                        help="take the model's missing-MODALITY path (e.g. audio whose feature set erc cannot "
+                             "recompute from media); repeatable")
     parser.add_argument("--model", required=True,
                         help="an MLflow run id, a registered model name[/version | @alias], or models:/...")
     parser.add_argument("--json", action="store_true",
@@ -471,22 +553,37 @@ def main(argv=None) -> None:
             if args.json and suffix == ".csv":
                 raise ErcDataError(args.out, "--json with a .csv file: give a .json file, or leave --json out for CSV")
             fmt = FORMATS[suffix]
-        table = read_conversation(args.conversation)  # a bad file is reported before the model is fetched
+        asr = check_asr(args.asr) if args.asr else None  # its config only: a bad --asr before anything loads
+        table, path = read_input(parser, args)  # a bad file is reported before the model is fetched
+        if asr and not any(c in table for c in ("audio", "video")):
+            raise ErcDataError(path, "--asr: no audio to transcribe (give an audio or video column, or --recording)")
         loaded = load_model(args.model, args.tracking_uri)
-        check_conversation(table, args.conversation, loaded)
-        encoder = text_encoder(table, loaded)
+        missing = check_missing(args.missing, loaded)
+        if asr:  # after the model: a bad --model is found before minutes of transcription
+            table = transcribe(table, asr, source=path)
+        media = media_inputs(table, path, loaded.info, missing)  # a set erc cannot recompute: before anything runs
+        check_conversation(table, path, loaded, media=media, missing=missing)
+        encoder = text_encoder(table, loaded) if "text" not in missing else None
+        media = media.load() if media is not None else None
     except ErcDataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     unused = unused_columns(table, loaded)
     if unused:  # a warning, not an error: one conversation file may serve models of different inputs
-        print(f"warning: {args.conversation}: the model takes {', '.join(loaded.info['inputs'])} only; "
+        print(f"warning: {path}: the model takes {', '.join(loaded.info['inputs'])} only; "
               f"ignored: {', '.join(unused)}", file=sys.stderr)
+    untold = int((table["text_source"] == "").sum()) if "text_source" in table and "text" in loaded.info["inputs"] else 0
+    if untold and "text" not in missing:  # segments without text: never silently
+        print(f"note: {path}: {untold:,} utterance(s) without text: the model's missing-text path for them"
+              + ("" if asr else " (--asr MODEL transcribes them)"), file=sys.stderr)
+    for m in not_given(table, loaded, missing):  # never silently: say the model goes without it
+        print(f"note: {path}: no {m} given: the model's missing-{m} path for every utterance (--missing {m} asks "
+              f"for it)", file=sys.stderr)
     labels = loaded.info["labels"]
     show = len(table) >= PROGRESS_UTTERANCES if args.progress is None else args.progress
     truncated = [0]
-    frames = predict_parts(table, args.conversation, loaded, encoder=encoder, truncated=truncated,
-                           progress=Progress(Path(args.conversation).name) if show else None)
+    frames = predict_parts(table, path, loaded, encoder=encoder, truncated=truncated, media=media, missing=missing,
+                           progress=Progress(Path(path).name) if show else None)
     try:
         if args.out:
             with atomic_path(args.out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as out:
@@ -504,6 +601,33 @@ def main(argv=None) -> None:
     if truncated[0]:
         limit = loaded.info["feature_sets"][loaded.info["inputs"]["text"]]
         texts = "text longer than" if truncated[0] == 1 else "texts longer than"
-        print(f"note: {args.conversation}: {truncated[0]:,} {texts} the encoder's {limit.get('max_length', 128)} "
+        print(f"note: {path}: {truncated[0]:,} {texts} the encoder's {limit.get('max_length', 128)} "
               f"tokens {'was' if truncated[0] == 1 else 'were'} truncated for text:{loaded.info['inputs']['text']}",
               file=sys.stderr)
+    for note in media.notes if media is not None else ():
+        print(f"note: {path}: {note}", file=sys.stderr)
+
+
+def read_input(parser, args) -> tuple[pd.DataFrame, str]:
+    """The conversation's rows and the file that names it in messages: a conversation file, or a recording cut
+    by a segment table (`recording_table`)."""
+    if args.recording or args.segments:
+        if args.conversation:
+            parser.error("give a conversation file or --recording with --segments, not both")
+        if not (args.recording and args.segments):
+            parser.error("--recording and --segments go together")
+        return recording_table(args.recording, args.segments), args.segments
+    if not args.conversation:
+        parser.error("give a conversation file (or --recording with --segments)")
+    return read_conversation(args.conversation), args.conversation
+
+
+def recording_table(recording, segments, **options) -> pd.DataFrame:
+    """One recording and its segment table (start, end, speaker[, text]) as a conversation's rows: speaker, text,
+    audio (the recording), start and end, one per segment, by `erc.serving.recording` (which transcribes a
+    segment without text); `options` go to it."""
+    try:
+        from erc.serving.recording import recording_conversation
+    except ImportError as e:
+        raise ErcDataError(recording, f"a recording with segments needs erc.serving.recording ({e})") from None
+    return conversation_table(recording_conversation(recording, segments, **options), segments)
