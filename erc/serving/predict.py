@@ -1,9 +1,9 @@
 """`erc predict`: a trained model on a new conversation: each utterance's emotion, class probabilities and gates.
 
-    erc predict conversation.csv --model erc-iemocap-mister_e@best          # a registered model and alias
-    erc predict conversation.jsonl --model erc-meld-sdt/3 --json            # ... and version, as JSON
+    erc predict conversation.csv --model erc-iemocap-mister_e-tuned@best          # a registered model and alias
+    erc predict conversation.jsonl --model erc-meld-sdt-tuned/3 --json            # ... and version, as JSON
     erc predict conversation.csv --model 0f3c...e1 --out predictions.jsonl  # an MLflow run id, to a file
-    erc predict --recording call.wav --segments turns.csv --model erc-meld-sdt@best   # one recording, cut in turns
+    erc predict --recording call.wav --segments turns.csv --model erc-meld-sdt-tuned@best   # one recording, cut in turns
 
 The conversation is a CSV or JSONL file, one utterance per row in turn order: `speaker` and `text`, and
 optionally precomputed features per modality, `<modality>_features` (a list of numbers; in a CSV cell a JSON

@@ -1,6 +1,6 @@
 """Every logged erc model as an MLflow pyfunc (the MLmodel file `erc.tracking.pyfunc_flavor` writes), served with
 
-    MLFLOW_TRACKING_URI=sqlite:///mlflow.db mlflow models serve -m models:/erc-iemocap-mister_e@best \\
+    MLFLOW_TRACKING_URI=sqlite:///mlflow.db mlflow models serve -m models:/erc-iemocap-mister_e-tuned@best \\
         --env-manager local -h 127.0.0.1 -p 5001
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
         -d '{"dataframe_records": [{"speaker": "A", "text": "You never asked me."}]}'

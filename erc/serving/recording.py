@@ -1,6 +1,6 @@
 """One recording and a segment table -> the utterances `erc predict` reads; text for segments without it by ASR.
 
-    erc predict --recording meeting.wav --segments meeting.csv --model erc-meld-sdt@best
+    erc predict --recording meeting.wav --segments meeting.csv --model erc-meld-sdt-tuned@best
     erc predict --recording meeting.wav --segments meeting.csv --asr openai/whisper-small --model ...
 
 The segment table (.csv, .tsv, .json records or .jsonl, one segment a row) has `start` and `end` (seconds into

@@ -1,7 +1,7 @@
 """`erc serve`: a trained model answering conversations over HTTP on Ray Serve, for many callers at once.
 
     erc serve erc-meld-baseline-tuned@best                           # http://127.0.0.1:8000/, one replica
-    erc serve models:/erc-iemocap-mister_e@best --replicas 2 --port 8080
+    erc serve models:/erc-iemocap-mister_e-tuned@best --replicas 2 --port 8080
     curl -s 127.0.0.1:8000/ -H 'Content-Type: application/json' \\
         -d '{"dataframe_records": [{"speaker": "A", "text": "You never asked me."}]}'
 
