@@ -48,6 +48,19 @@ def ray_processes(driver: int, folder: str) -> list[psutil.Process]:
     return list(found.values())
 
 
+def listening_sockets(processes) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every listening socket of the processes still alive."""
+    found = []
+    for process in processes:
+        try:
+            sockets = [c for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+            name = " ".join(process.cmdline()[:2])[-90:]
+        except psutil.NoSuchProcess:
+            continue
+        found += [(c.laddr.ip, c.laddr.port, name) for c in sockets]
+    return found
+
+
 def is_loopback(address: str) -> bool:
     ip = ipaddress.ip_address(address.split("%")[0])
     if ip.version == 6 and ip.ipv4_mapped:
@@ -74,15 +87,9 @@ def test_local_ray_listens_on_loopback_only_and_leaves_no_folder(tmp_path):
         time.sleep(2)  # the agents' and dashboard's late listeners
         processes = ray_processes(program.pid, folder)
         assert workers <= {p.pid for p in processes}
-        listening, outside = 0, []
-        for process in processes:
-            try:
-                sockets = [c for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
-                name = " ".join(process.cmdline()[:2])[-90:]
-            except psutil.NoSuchProcess:
-                continue
-            listening += len(sockets)
-            outside += [f"{c.laddr.ip}:{c.laddr.port} ({name})" for c in sockets if not is_loopback(c.laddr.ip)]
+        sockets = listening_sockets(processes)
+        listening = len(sockets)
+        outside = [f"{ip}:{port} ({name})" for ip, port, name in sockets if not is_loopback(ip)]
         assert listening >= 6  # GCS, raylet, dashboard, its agent, the runtime-env agent, workers: all looked at
         assert not outside, "Ray listens beyond loopback: " + ", ".join(outside)
         assert not stale.exists(), "a dead process's Ray folder is left"

@@ -17,7 +17,7 @@ from erc.serving.predict import predict
 from erc.serving.serve import BATCH_HEADER, main
 from tests.fixtures import EMOTIONS
 from tests.test_predict import LINES, NAME, conversation, encoder, trained  # noqa: F401 (fixtures)
-from tests.test_ray_loopback import is_loopback, ray_processes
+from tests.test_ray_loopback import is_loopback, listening_sockets, ray_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -82,16 +82,10 @@ def test_erc_serve_answers_as_predict_batches_callers_and_listens_on_loopback(tr
 
         # Loopback only: the proxy on the port asked for, and every other socket of the server and its Ray
         folder = next(line for line in stderr if line.startswith("ray logs: ")).split()[-1].split("/ray/")[0]
-        listening, outside, proxy = 0, [], []
-        for process in ray_processes(proc.pid, folder):
-            try:
-                sockets = [c for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
-                name = " ".join(process.cmdline()[:2])[-90:]
-            except psutil.NoSuchProcess:
-                continue
-            listening += len(sockets)
-            proxy += [c.laddr.ip for c in sockets if c.laddr.port == port]
-            outside += [f"{c.laddr.ip}:{c.laddr.port} ({name})" for c in sockets if not is_loopback(c.laddr.ip)]
+        sockets = listening_sockets(ray_processes(proc.pid, folder))
+        listening = len(sockets)
+        proxy = [ip for ip, p, _ in sockets if p == port]
+        outside = [f"{ip}:{p} ({name})" for ip, p, name in sockets if not is_loopback(ip)]
         assert proxy and all(is_loopback(ip) for ip in proxy), proxy
         assert listening >= 8  # Ray's own, the proxy, the replica's inter-deployment gRPC server: all looked at
         assert not outside, "erc serve listens beyond loopback: " + ", ".join(outside)
