@@ -89,17 +89,20 @@ def server(trained):
                                 cwd=trained["root"], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
-        deadline = time.monotonic() + READY_SECONDS
+        deadline, last = time.monotonic() + READY_SECONDS, None
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"mlflow models serve exited {proc.returncode}:\n{log.read_text()[-3000:]}")
             try:
                 if call(f"http://127.0.0.1:{port}/ping", timeout=2)[0] == 200:
                     break
-            except OSError:
-                pass
+            except OSError as e:
+                last = e
             if time.monotonic() > deadline:
-                pytest.fail(f"mlflow models serve not ready in {READY_SECONDS} s:\n{log.read_text()[-3000:]}")
+                listening = [f"{c.laddr.ip}:{c.laddr.port} pid {c.pid}" for c in psutil.net_connections("inet")
+                             if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+                pytest.fail(f"mlflow models serve not ready in {READY_SECONDS} s (last: {last!r}; listening on "
+                            f"{port}: {listening}):\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
         yield {"url": f"http://127.0.0.1:{port}", "port": port, "pid": proc.pid}
     finally:

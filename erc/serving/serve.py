@@ -32,6 +32,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 
 import pandas as pd
 from ray import serve
@@ -215,7 +216,23 @@ def start(model: str, *, tracking_uri: str | None = None, replicas: int = 1, hos
         max_ongoing_requests=2 * max_batch_size)  # room for the next batch to gather while one is predicted
     serve.run(deployment.bind(model, uri, max_batch_size, batch_wait_ms / 1000), name=APP, route_prefix="/",
               logging_config={"log_level": LOG_LEVEL})
+    wait_listening(host, port)
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
+def wait_listening(host: str, port: int, seconds: float = 120.0) -> None:
+    """Until the proxy accepts connections: `serve.run` returns once the replicas are up, and the proxy actor may
+    bind its port a moment later on a busy machine, so "answers at" is said only when it does."""
+    address = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with socket.create_connection((address, port), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise ErcDataError(f"{host}:{port}", f"Ray Serve's proxy is not listening after {seconds:.0f} s ({e})") from None
+            time.sleep(0.2)
 
 
 def stop() -> None:
