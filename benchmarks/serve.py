@@ -98,12 +98,16 @@ def erc_serve(model: str, *args: str, tracking_uri: str | None = None, cwd=ROOT,
             raise
 
 
+# A server on this machine, never through a proxy (urlopen's shared opener keeps the proxies of its first call).
+LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def post(url: str, body) -> tuple[int, dict, dict]:
     """(status, JSON answer, headers) of a POST of `body` (JSON, or bytes as they are)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=300) as r:
+        with LOOPBACK.open(request, timeout=300) as r:
             return r.status, json.loads(r.read()), dict(r.headers)
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read()), dict(e.headers)

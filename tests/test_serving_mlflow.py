@@ -13,7 +13,6 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import psutil
 import pytest
 
@@ -59,12 +58,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# No proxy: urlopen's shared opener keeps the proxies of its first call, which may be a test's dead one.
+LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def call(url: str, body: dict | None = None, timeout: float = 60.0):
     """(status, parsed JSON or text) of a GET, or a POST of `body` as JSON."""
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as r:
+        with LOOPBACK.open(request, timeout=timeout) as r:
             status, text = r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         status, text = e.code, e.read().decode()
