@@ -7,13 +7,13 @@ IEMOCAP's JSON tree and the COSMIC cross-check).
 
 from __future__ import annotations
 
-from erc.data import conversations, folder_labels, iemocap, mosi, voiceerc
+from erc.data import conversations, csd, folder_labels, iemocap, mosi, voiceerc
 from erc.data.canonical import Prepared, split_problem
 from erc.errors import ErcDataError
 from erc.sources import DEFAULT_CACHE, DatasetFiles
 
 ADAPTERS = {"conversations": conversations.build, "mosi": mosi.build, "iemocap": iemocap.build,
-            "folder_labels": folder_labels.build}
+            "folder_labels": folder_labels.build, "csd": csd.build}
 # Published per-utterance feature sets that sit beside a corpus (`datasets.<name>.feature_files`), by reader.
 FEATURE_READERS = {"voiceerc_meld": voiceerc.meld_prosody}
 PARAMS_PARTS = ("options", "files")  # an adapter's error about its params entry names one of these, not a file
@@ -25,6 +25,7 @@ SPLIT_OPTIONS = {
     "mosi": "options.valid_fraction of the training videos become validation, chosen by options.valid_seed",
     "folder_labels": "options.valid_fraction and test_fraction of the speakers (3 at least) go to valid and test, "
                      "chosen by options.split_seed",
+    "csd": "the folds (files.folds, the SDK's *_std_folds.py, or options.folds) deal the videos to the splits",
 }
 
 
