@@ -5,7 +5,7 @@ A prepared dataset is a directory:
     utterances.parquet     one row per utterance, in dialogue order (columns: COLUMNS)
     media.parquet          utterance_id and a media file path per modality, only when the corpus names them
     meta.json              label names, target task, sources with their sha256, counts, notes
-    features/<name>.npy    float32 (n_utterances, dim), row-aligned with the table
+    features/<name>.npy    float32 (n_utterances, dim), row-aligned with the table (read memory-mapped)
     features/<name>.json   {"modality", "dim", "source", "missing", ...}
     features/<name>.present.npy   bool (n_utterances,), only when some rows have no features
 
@@ -122,32 +122,42 @@ def check_features(values: np.ndarray, *, source, dim: int | None = None, rows: 
     """Reject NaN/inf and wrong shapes, naming `source`; return the matrix as float32."""
     values = np.asarray(values)
     check_shape(values.shape, source=source, dim=dim, rows=rows)
-    values, bad = _nonfinite(values)
-    if bad.any():
-        first = int(np.argwhere(bad)[0][0])
-        raise ErcDataError(source, f"{int(bad.sum())} NaN/inf feature values (first in row {first})")
-    return values
+    check_finite(values, source=source)
+    with np.errstate(over="ignore"):  # finite after the cast: checked above
+        return values.astype(np.float32, copy=False)
+
+
+def check_finite(values: np.ndarray, *, source, block_bytes: int = 1 << 24) -> None:
+    """Reject NaN/inf (after the cast to float32), a block of rows at a time: a memory-mapped matrix is read
+    through, not copied, and the mask is one block's."""
+    step = max(1, block_bytes // max(1, values.itemsize * int(np.prod(values.shape[1:]))))
+    bad_count, first = 0, None
+    for start in range(0, len(values), step):
+        _, bad = _nonfinite(values[start:start + step])
+        if bad.any():
+            bad_count += int(bad.sum())
+            first = start + int(np.argwhere(bad)[0][0]) if first is None else first
+    if bad_count:
+        raise ErcDataError(source, f"{bad_count} NaN/inf feature values (first in row {first})")
+
+
+def open_features(path) -> np.ndarray:
+    """A saved feature matrix, memory-mapped read-only (its rows are read when used); ErcDataError naming `path`
+    when it cannot be read."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        why = "truncated: shorter than its header says" if "mmap length" in str(e) else str(e).splitlines()[0]
+        raise ErcDataError(path, f"unreadable feature matrix ({why})") from None
 
 
 def check_feature_file(path, *, dim: int, rows: int, block_bytes: int = 1 << 24) -> None:
     """A saved feature matrix checked as `load_features` would find it, without holding it in memory: the shape
     its header gives, then NaN/inf a block of rows at a time (memory-mapped)."""
     path = Path(path)
-    try:
-        values = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        why = "truncated: shorter than its header says" if "mmap length" in str(e) else str(e).splitlines()[0]
-        raise ErcDataError(path, f"unreadable feature matrix ({why})") from None
+    values = open_features(path)
     check_shape(values.shape, source=path, dim=dim, rows=rows)
-    step = max(1, block_bytes // max(1, values.itemsize * dim))
-    bad_count, first = 0, None
-    for start in range(0, rows, step):
-        _, bad = _nonfinite(values[start:start + step])
-        if bad.any():
-            bad_count += int(bad.sum())
-            first = start + int(np.argwhere(bad)[0][0]) if first is None else first
-    if bad_count:
-        raise ErcDataError(path, f"{bad_count} NaN/inf feature values (first in row {first})")
+    check_finite(values, source=path, block_bytes=block_bytes)
 
 
 def validate(prep: Prepared, *, where, expected_dialogues=None) -> None:
@@ -216,12 +226,13 @@ def load_features(directory, name: str) -> FeatureSet:
     if not info_path.is_file():
         raise ErcDataError(info_path, f"no feature set {name!r} here")
     info = json.loads(info_path.read_text())
-    values = np.load(directory / f"{name}.npy", allow_pickle=False)
+    values = open_features(directory / f"{name}.npy")  # memory-mapped: memory stays bounded whatever the corpus size
     present_path = directory / f"{name}.present.npy"
     present = np.load(present_path, allow_pickle=False) if present_path.exists() else None
     extra = {k: v for k, v in info.items() if k not in ("modality", "dim", "rows", "source", "missing")}
     fs = FeatureSet(name, info["modality"], values, info["source"], present, extra)
-    check_features(fs.values, source=directory / f"{name}.npy", dim=info["dim"], rows=info["rows"])
+    check_shape(values.shape, source=directory / f"{name}.npy", dim=info["dim"], rows=info["rows"])
+    check_finite(values, source=directory / f"{name}.npy")
     return fs
 
 

@@ -63,10 +63,40 @@ class Dialogue:
     score: np.ndarray
 
 
-class DialogueData:
-    """One split's dialogues plus the (standardised) feature matrices they index into."""
+class Standardised:
+    """A feature matrix standardised row by row as it is read: `view[rows]` is ((values[rows] - mean) / std) in
+    float32, 0 where a row has no features. The same numbers a standardised copy of the whole matrix holds (the
+    arithmetic is elementwise), computed per batch: a split holds no copy of the (memory-mapped) matrix."""
 
-    def __init__(self, dialogues: list[Dialogue], features: dict[str, np.ndarray], present: dict[str, np.ndarray]):
+    def __init__(self, values: np.ndarray, mean: np.ndarray, std: np.ndarray, present: np.ndarray | None = None):
+        self.values, self.mean, self.std, self.present = values, mean, std, present
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.values.shape[0]), int(self.values.shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        out = ((self.values[rows] - self.mean) / self.std).astype(np.float32)
+        if self.present is not None:
+            out[~self.present[rows]] = 0.0
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if copy is False:  # numpy 2's protocol: the standardised matrix exists only as a new array
+            raise ValueError("a Standardised view has no array to share: it standardises into a new one")
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
+class DialogueData:
+    """One split's dialogues plus the feature matrices they index into: standardised arrays, or `Standardised`
+    views that standardise the rows a batch reads."""
+
+    def __init__(self, dialogues: list[Dialogue], features: dict[str, np.ndarray | Standardised],
+                 present: dict[str, np.ndarray]):
         self.dialogues = dialogues
         self.features = features
         self.present = present
@@ -142,13 +172,42 @@ def deal(indices: np.ndarray, parts: int) -> list[np.ndarray]:
 
 
 def feature_stats(prep: Prepared, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std of a feature set over the training split's present rows."""
+    """Mean and std of a feature set over the training split's present rows (float64 arithmetic, float32 out)."""
     fs = prep.features[name]
     train = (prep.table["split"] == "train").to_numpy()
     if fs.present is not None:
-        train &= fs.present
-    values = fs.values[train].astype(np.float64)
-    return values.mean(0).astype(np.float32), np.maximum(values.std(0), 1e-6).astype(np.float32)
+        train = train & fs.present
+    mean, std = row_moments(fs.values, np.flatnonzero(train))
+    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+
+
+def row_moments(values: np.ndarray, rows: np.ndarray, *, block_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """np.mean and np.std (float64) over `values[rows]`, bit for bit, streamed `block_rows` rows at a time: no
+    float64 copy of the rows. numpy sums a C-ordered matrix over axis 0 one row after another, and so does this,
+    carrying the running sum into each block as its first row; then the same division, and the same second pass
+    over the squared deviations from the mean, as np.std's. A one-column (or Fortran-ordered) matrix numpy sums
+    pairwise along the rows instead: that is computed whole, as before (its float64 copy is 8 bytes a row)."""
+    if len(rows) == 0 or values.shape[1] == 1 or not values.flags.c_contiguous:  # empty: NaN and numpy's warning
+        whole = values[rows].astype(np.float64)
+        return whole.mean(0), whole.std(0)
+    buffer = np.empty((min(block_rows, len(rows)) + 1, values.shape[1]))
+
+    def row_sum(transform) -> np.ndarray:
+        total = None
+        for start in range(0, len(rows), block_rows):
+            chunk = rows[start:start + block_rows]
+            first = 0 if total is None else 1
+            block = buffer[first:first + len(chunk)]
+            block[:] = values[chunk]
+            transform(block)
+            if total is not None:
+                buffer[0] = total
+            total = buffer[:first + len(chunk)].sum(0)
+        return total
+
+    mean = row_sum(lambda block: None) / len(rows)
+    var = row_sum(lambda block: np.square(np.subtract(block, mean, out=block), out=block)) / len(rows)
+    return mean, np.sqrt(var)
 
 
 def speaker_names(table) -> list[str]:
@@ -181,9 +240,7 @@ def split_data(prep: Prepared, split: str | tuple[str, ...], inputs: dict[str, s
     for modality, name in inputs.items():
         fs = prep.features[name]
         mean, std = stats[name]
-        features[modality] = ((fs.values - mean) / std).astype(np.float32)
-        if fs.present is not None:
-            features[modality][~fs.present] = 0.0
+        features[modality] = Standardised(fs.values, mean, std, fs.present)
         present[modality] = fs.present if fs.present is not None else np.ones(len(t), dtype=bool)
     labels = t[f"{target}_id"].to_numpy().astype(np.int64)
     labels[labels < 0] = IGNORE

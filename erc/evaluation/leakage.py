@@ -39,12 +39,16 @@ def probe(table, fs: FeatureSet, target: str, labels: list[str], *, max_gap: flo
     rows = {s: np.flatnonzero(usable & (split == s)) for s in ("train", "valid", "test")}
     if any(len(r) == 0 for r in rows.values()) or len(np.unique(y[rows["train"]])) < 2:
         return {"skipped": "a split without labelled utterances, or one class in train"}
-    scaler = StandardScaler().fit(fs.values[rows["train"]])
+    # Each split's rows are gathered once (fs.values may be memory-mapped) and standardised in place (copy=False:
+    # the same arithmetic), so the probe holds one copy of the rows plus lbfgs's float64 copy of the training ones.
+    scaler = StandardScaler(copy=False)
+    standardised = {"train": scaler.fit_transform(np.asarray(fs.values[rows["train"]]))}
     clf = LogisticRegression(max_iter=2000, random_state=seed)
-    clf.fit(scaler.transform(fs.values[rows["train"]]), y[rows["train"]])
+    clf.fit(standardised["train"], y[rows["train"]])
     out = {}
     for s, r in rows.items():
-        pred = clf.predict(scaler.transform(fs.values[r]))
+        x = standardised[s] if s in standardised else scaler.transform(np.asarray(fs.values[r]))
+        pred = clf.predict(x)
         out[f"{s}_wf1"] = round(classification_metrics(y[r], pred, labels)["wf1"], 2)
     out["gap"] = round(out["valid_wf1"] - out["test_wf1"], 2)
     out["max_gap"] = max_gap

@@ -4,6 +4,10 @@ Standardised features, multinomial logistic regression (scikit-learn), `Stratifi
 speaker as the group: no speaker is in both the training and the scored part of a fold, and each fold keeps
 the class mix as far as whole speakers allow. Accuracy and balanced accuracy (unweighted average recall, the
 usual speech-emotion figure) per fold, then their mean and standard deviation over the folds.
+
+Memory: `features` may be memory-mapped; a fold holds its gathered rows (float32, standardised in place) and the
+float64 copy of its training rows that scikit-learn's lbfgs solver makes (which it needs: converting them first
+would change the scaler's float32 arithmetic, so the numbers).
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ def speaker_independent_probe(features: np.ndarray, labels: np.ndarray, speakers
     accuracy, balanced = [], []
     for train, test in splitter.split(features, labels, groups=speakers):
         assert not set(speakers[train]) & set(speakers[test])
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=3000))
-        probe.fit(features[train], labels[train])
-        predicted = probe.predict(features[test])
+        # The fold's rows are gathered into a fresh array, so the scaler standardises that in place (copy=False:
+        # the same arithmetic, one copy fewer). What stays: the gathered fold and lbfgs's float64 copy of it.
+        probe = make_pipeline(StandardScaler(copy=False), LogisticRegression(C=C, max_iter=3000))
+        probe.fit(np.asarray(features[train]), labels[train])
+        predicted = probe.predict(np.asarray(features[test]))
         accuracy.append(accuracy_score(labels[test], predicted))
         with warnings.catch_warnings():
             # A fold of whole speakers may lack a class: its recall is left out of the average (sklearn says so

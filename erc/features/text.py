@@ -7,9 +7,9 @@ An encoder is named by a hub id, a local path, or a name that an installed packa
 - decoder-only LLMs (Llama, Qwen, GPT-2, ...): last-token pooling (the state that has read the whole
   utterance) or mean pooling, with an optional prompt template that puts the dialogue context in front.
 
-`pooling: auto` picks `last` for a decoder-only model and `mean` otherwise. Texts are tokenized once, sorted
-by token count (each batch pads to a similar length) and encoded batch by batch into a `.npy` file opened as a
-memory map, so memory stays bounded by one batch whatever the corpus size.
+`pooling: auto` picks `last` for a decoder-only model and `mean` otherwise. Texts are sorted by token count (each
+batch pads to a similar length), then tokenized and encoded batch by batch into a `.npy` file opened as a memory
+map, so memory stays bounded by one batch (and the texts) whatever the corpus size.
 """
 
 from __future__ import annotations
@@ -144,11 +144,23 @@ def encode_texts(texts: list[str], tokenizer, model, *, batch_size: int = 64, ma
                  progress: bool = True) -> tuple[np.ndarray, dict]:
     """Encode `texts` into a float32 (N, H) matrix in input order (into `out` if given); also timing figures.
 
-    Texts are sorted by token count so each batch pads to a similar length (most of the saving on CPU).
+    Texts are sorted by token count so each batch pads to a similar length (most of the saving on CPU); a batch
+    is tokenized when it is encoded.
     """
     pooling = default_pooling(model) if pooling == "auto" else pooling
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
-    order = np.argsort([len(x) for x in ids], kind="stable")
+    texts = list(texts)  # references only, indexable by position
+
+    def token_ids(chosen) -> list[list[int]]:
+        return tokenizer([texts[i] for i in chosen], truncation=True, max_length=max_length,
+                         add_special_tokens=True)["input_ids"]
+
+    # Only the token counts are kept for the order; each batch is tokenized again when it is encoded (a text's
+    # tokens do not depend on its batch), so no list of every text's tokens grows with the corpus.
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    for start in range(0, len(texts), 4096):
+        chosen = range(start, min(start + 4096, len(texts)))
+        lengths[start:start + len(chosen)] = [len(x) for x in token_ids(chosen)]
+    order = np.argsort(lengths, kind="stable")
     hidden_size = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
     if out is None:
         out = np.zeros((len(texts), hidden_size), dtype=np.float32)
@@ -157,7 +169,7 @@ def encode_texts(texts: list[str], tokenizer, model, *, batch_size: int = 64, ma
     batches = range(0, len(order), batch_size)
     for b in tqdm(batches, desc="encode", unit="batch", disable=not progress):
         rows = np.sort(order[b:b + batch_size])
-        batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt").to(device)
+        batch = tokenizer.pad({"input_ids": token_ids(rows)}, return_tensors="pt").to(device)
         kwargs = {"use_cache": False} if is_decoder_only(model.config) else {}
         result = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        output_hidden_states=layer != -1, **kwargs)
