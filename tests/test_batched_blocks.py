@@ -1,11 +1,14 @@
 """The batched forms of erc.models.blocks' layers (issue 33: MMoLRE's and MiSTER-E's epochs) against the layers
-they replace: several GRUs as one recurrence, several convolutions as one matmul, and AdamW fused."""
+they replace: several GRUs as one recurrence (its backward written out), several convolutions as one matmul, several
+attention blocks as one, the losses of several sets of logits at once, and AdamW fused."""
 
 import pytest
 import torch
 from torch import nn
 
-from erc.models.blocks import AttentionBlock, MaskedBiGRU, MaskedConv1d, stacked_bigru, stacked_conv1d
+from erc.models.blocks import (AttentionBlock, MaskedBiGRU, MaskedConv1d, _GRURecurrence, focal_loss, focal_losses,
+                               mean_symmetric_kl, stacked_attention, stacked_attention_weights, stacked_bigru,
+                               stacked_conv1d, symmetric_kl)
 from tests.fixtures import one_torch_thread
 
 MASK = torch.tensor([[True] * 6, [True, True, True, False, False, False], [True] + [False] * 5])
@@ -90,6 +93,77 @@ def test_attention_with_fused_projections_equals_separate_ones(self_attention):
     expected = block.norm(query + block.out(attended)) * MASK.unsqueeze(-1)
     torch.testing.assert_close(block(query, context, MASK), expected, atol=1e-6, rtol=1e-5)
 
+
+
+def test_gru_recurrence_backward_is_the_gradient():
+    """The recurrence's hand-written backward against finite differences (float64), weights and inputs."""
+    torch.manual_seed(0)
+    T, S, B, H = 4, 2, 3, 2
+    gi = torch.randn(T, S, B, 3 * H, dtype=torch.float64, requires_grad=True)
+    w_hh = torch.randn(S, H, 3 * H, dtype=torch.float64, requires_grad=True)
+    b_hh = torch.randn(S, 1, 3 * H, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_GRURecurrence.apply, (gi, w_hh, b_hh))
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_stacked_attention_equals_each_block(self_attention):
+    """Two AttentionBlocks as one (MiSTER-E's pairs): each block's own forward at the real positions, outputs and
+    the gradients of inputs and parameters (eval mode: no dropout to draw)."""
+    torch.manual_seed(0)
+    blocks = [AttentionBlock(8, 2, attn_dim=6).eval() for _ in range(2)]
+    keep = MASK.unsqueeze(-1).float()
+    inputs = [torch.randn(3, 6, 8) for _ in range(2 if self_attention else 4)]
+
+    def stacked(xs):
+        query = torch.stack(xs[:2])
+        out = stacked_attention(blocks, query, None if self_attention else torch.stack(xs[2:]), MASK)
+        return [y * keep for y in out]
+
+    def looped(xs):
+        contexts = xs[:2] if self_attention else xs[2:]
+        return [b(q, c, MASK) * keep for b, q, c in zip(blocks, xs[:2], contexts)]
+
+    got, got_grads = outputs_and_grads(stacked, inputs, blocks)
+    want, want_grads = outputs_and_grads(looped, inputs, blocks)
+    assert want[0].abs().sum() > 0
+    for a, b in zip(got + got_grads, want + want_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    weights = stacked_attention_weights([blocks, blocks[::-1]])  # several calls' parameters stacked at once
+    torch.testing.assert_close(stacked_attention(blocks[::-1], torch.stack(inputs[:2]), None, MASK, weights[1]),
+                               stacked_attention(blocks[::-1], torch.stack(inputs[:2]), None, MASK))
+
+
+def test_stacked_attention_refuses_blocks_it_does_not_cover():
+    with pytest.raises(ValueError, match="feed-forward"):
+        stacked_attention_weights([[AttentionBlock(8, 2, ff_dim=4)] * 2])
+    with pytest.raises(ValueError, match="shapes differ"):
+        stacked_attention_weights([[AttentionBlock(8, 2), AttentionBlock(8, 4)]])
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_losses_of_several_logits_at_once_equal_them_one_by_one(weighted):
+    """focal_losses and mean_symmetric_kl (MiSTER-E's four focal terms and its KL over the expert pairs) against
+    focal_loss and symmetric_kl per set of logits and per pair, values and gradients."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 3, 5, requires_grad=True)
+    labels = torch.randint(0, 5, (3, 6)).masked_fill(~MASK, -100)
+    labels[0, 1] = -100  # a real utterance without a label: in the KL, not in the focal losses
+    weight = torch.rand(5) + 0.5 if weighted else None
+
+    def value_and_grad(fn):
+        logits.grad = None
+        value = fn()
+        (value * torch.arange(1.0, value.numel() + 1).view_as(value)).sum().backward()
+        return value.detach(), logits.grad.clone()
+
+    for got, want in [
+        (lambda: focal_losses(logits, labels, 3.0, weight),
+         lambda: torch.stack([focal_loss(logits[..., k, :], labels, 3.0, weight) for k in range(3)])),
+        (lambda: mean_symmetric_kl(logits, MASK, 2.0),
+         lambda: sum(symmetric_kl(logits[..., a, :], logits[..., b, :], MASK, 2.0)
+                     for a, b in [(0, 1), (0, 2), (1, 2)]) / 3)]:
+        for a, b in zip(value_and_grad(got), value_and_grad(want)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 def test_the_training_optimizer_is_fused():
     """AdamW fused (one kernel over all the parameters: 5x faster on CPU for MiSTER-E's 246 small tensors)."""

@@ -6,6 +6,7 @@ Shapes: B dialogues, T utterances (padded), D features, C classes; `mask` is (B,
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Literal
 
@@ -78,6 +79,16 @@ class MaskedConv1d(nn.Conv1d):
         return F.linear(x * mask, self.weight.squeeze(-1), self.bias) * mask
 
 
+def packed_rnn(rnn: nn.RNNBase, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A batch-first recurrent layer over the real utterances only (packed): (B, T, D) -> (B, T, out), zeros at
+    padded positions."""
+    lengths = mask.sum(1).clamp(min=1).cpu()
+    packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    out, _ = rnn(packed)
+    out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+    return out * mask.unsqueeze(-1).to(out.dtype)
+
+
 class MaskedBiGRU(nn.Module):
     """Bidirectional GRU over the real utterances only (packed), zeros at padded positions. (B,T,D)->(B,T,2H)."""
 
@@ -91,11 +102,73 @@ class MaskedBiGRU(nn.Module):
 
     def packed(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The same as `forward`, through nn.GRU on a packed sequence (what `forward` runs on a GPU)."""
-        lengths = mask.sum(1).clamp(min=1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        out, _ = self.gru(packed)
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        return out * mask.unsqueeze(-1).to(out.dtype)
+        return packed_rnn(self.gru, x, mask)
+
+
+class _GRURecurrence(torch.autograd.Function):
+    """The recurrence of S GRUs of hidden size H over T steps from h = 0, PyTorch's cell (gates r, z, n):
+        r, z = sigmoid(gi_rz + h W_rz + b_rz),  n = tanh(gi_n + r * (h W_n + b_n)),  h' = (1 - z) n + z h,
+    gi (T, S, B, 3H) the input projections (bias included), w_hh (S, H, 3H), b_hh (S, 1, 3H) -> h (T, S, B, H).
+
+    The backward is written out: autograd would record and replay a dozen small ops per step, most of the
+    recurrence's time on a CPU. Here a step is four ops forward and six backward, into preallocated buffers,
+    and the weight gradients are one matmul over all the steps after the loop."""
+
+    @staticmethod
+    def forward(ctx, gi: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(gi.device.type, enabled=False):  # in-place ops do not autocast: one dtype, the weights'
+            ctx.gi_dtype = gi.dtype
+            return _GRURecurrence.run(ctx, gi.to(w_hh.dtype), w_hh, b_hh.to(w_hh.dtype))
+
+    @staticmethod
+    def run(ctx, gi: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor) -> torch.Tensor:
+        T, S, B, H3 = gi.shape
+        H = H3 // 3
+        # gates[t] starts as (gi_rz + b_rz, b_n); the step's matmul adds h W in place, so it holds the r and z
+        # pre-activations (then r and z themselves) and the n gate's h W_n + b_n, kept for the backward
+        gates = torch.cat([gi[..., :2 * H] + b_hh[..., :2 * H], b_hh[..., 2 * H:].expand(T, S, B, H)], dim=-1)
+        out, n = gi.new_empty(T, S, B, H), gi.new_empty(T, S, B, H)
+        # every step's views taken up front (a Python index per step and tensor costs about as much as the op)
+        steps = zip(gates.unbind(0), gates[..., :2 * H].unbind(0), gates[..., :H].unbind(0),
+                    gates[..., H:2 * H].unbind(0), gates[..., 2 * H:].unbind(0), gi[..., 2 * H:].unbind(0),
+                    n.unbind(0), out.unbind(0))
+        h = gi.new_zeros(S, B, H)
+        for gates_t, rz_t, r_t, z_t, gh_n_t, gi_n_t, n_t, out_t in steps:
+            gates_t.baddbmm_(h, w_hh)
+            rz_t.sigmoid_()
+            torch.addcmul(gi_n_t, r_t, gh_n_t, out=n_t).tanh_()
+            h = torch.lerp(n_t, h, z_t, out=out_t)  # n + z (h - n)
+        ctx.save_for_backward(w_hh, out, gates, n)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        w_hh, out, gates, n = ctx.saved_tensors
+        T, S, B, H = out.shape
+        h_prev = torch.cat([out.new_zeros(1, S, B, H), out[:-1]])
+        r, z, gh_n = gates[..., :H], gates[..., H:2 * H], gates[..., 2 * H:]
+        # dh' -> the pre-activations: a_z = dh' (h - n) z (1 - z), a_n = dh' (1 - z) (1 - n^2), and from a_n:
+        # a_r = a_n gh_n r (1 - r), a_n r (into h W_n + b_n). The factors that do not depend on dh', for all the
+        # steps at once.
+        to_z, to_n, to_r = (h_prev - n) * z * (1 - z), (1 - z) * (1 - n * n), gh_n * r * (1 - r)
+        d_gh, d_n = out.new_empty(T, S, B, 3 * H), out.new_empty(T, S, B, H)  # d_gh: a_r, a_z, a_n r
+        w = w_hh.transpose(1, 2)
+        steps = list(zip(*(y.unbind(0) for y in (d_gh, d_gh[..., :H], d_gh[..., H:2 * H], d_gh[..., 2 * H:], d_n,
+                                                  to_z, to_n, to_r, r, z))))
+        g = grad_out.unbind(0)
+        dh = g[T - 1]
+        for t in range(T - 1, -1, -1):
+            d_gh_t, a_r, a_z, a_nr, a_n, to_z_t, to_n_t, to_r_t, r_t, z_t = steps[t]
+            torch.mul(dh, to_z_t, out=a_z)
+            torch.mul(dh, to_n_t, out=a_n)
+            torch.mul(a_n, to_r_t, out=a_r)
+            torch.mul(a_n, r_t, out=a_nr)
+            if t:  # dh of the step before: its own output's, through z, through the matmul
+                dh = torch.addcmul(g[t - 1], dh, z_t).baddbmm_(d_gh_t, w)
+        d_gi = torch.cat([d_gh[..., :2 * H], d_n], dim=-1)
+        d_w = torch.bmm(h_prev.permute(1, 3, 0, 2).reshape(S, H, T * B), d_gh.transpose(0, 1).reshape(S, T * B, 3 * H))
+        return d_gi.to(ctx.gi_dtype), d_w, d_gh.sum((0, 2)).unsqueeze(1)
 
 
 def stacked_bigru(grus: list[MaskedBiGRU], xs: list[torch.Tensor], mask: torch.Tensor) -> list[torch.Tensor]:
@@ -103,10 +176,11 @@ def stacked_bigru(grus: list[MaskedBiGRU], xs: list[torch.Tensor], mask: torch.T
     their packed nn.GRUs (up to float summation order), computed as one recurrence over (GRU, direction) pairs.
 
     On a CPU the packed nn.GRU runs a dozen small ops per time step, layer, direction and GRU; here a time step
-    is one batched matmul and a few element-wise ops for all of them, and the input projections of all time steps
-    are one matmul per layer. The reverse direction runs forward over each dialogue reversed within its own
-    length, so padding only ever follows the real utterances and never reaches them. Between layers, dropout
-    as nn.GRU's (training only, not after the last layer). On a GPU each GRU runs packed (cuDNN: one kernel)."""
+    is one batched matmul and a few element-wise ops for all of them (`_GRURecurrence`, backward written out), and
+    the input projections of all time steps are one matmul per layer. The reverse direction runs forward over each
+    dialogue reversed within its own length, so padding only ever follows the real utterances and never reaches
+    them. Between layers, dropout as nn.GRU's (training only, not after the last layer; drawn as `Dropout` draws).
+    On a GPU each GRU runs packed (cuDNN: one kernel)."""
     if mask.is_cuda:
         return [g.packed(x, mask) for g, x in zip(grus, xs)]
     first = grus[0].gru
@@ -125,24 +199,16 @@ def stacked_bigru(grus: list[MaskedBiGRU], xs: list[torch.Tensor], mask: torch.T
         return torch.stack([getattr(g.gru, name + suffix) for g in grus for suffix in ("", "_reverse")])
 
     x = torch.stack(xs)  # (G, B, T, D)
-    H = first.hidden_size
     for layer in range(first.num_layers):
         both = torch.stack([x, flip(x)], dim=1).flatten(0, 1).flatten(1, 2)  # (G * 2, B * T, D_layer)
         gi = torch.baddbmm(weights(f"bias_ih_l{layer}").unsqueeze(1), both,
                            weights(f"weight_ih_l{layer}").transpose(1, 2)).unflatten(1, (B, T))  # (G*2, B, T, 3H)
-        w_hh = weights(f"weight_hh_l{layer}").transpose(1, 2)  # (G * 2, H, 3H)
-        b_hh = weights(f"bias_hh_l{layer}").unsqueeze(1)  # (G * 2, 1, 3H)
-        h, out = gi.new_zeros(gi.shape[0], B, H), []
-        for i in gi.unbind(2):  # PyTorch's GRU cell, gates in its order r, z, n (unbind: one backward node, not T)
-            gh = torch.baddbmm(b_hh, h, w_hh)
-            r, z = torch.sigmoid(i[..., :2 * H] + gh[..., :2 * H]).chunk(2, dim=-1)
-            n = torch.tanh(i[..., 2 * H:] + r * gh[..., 2 * H:])
-            h = n + z * (h - n)  # (1 - z) * n + z * h
-            out.append(h)
-        out = torch.stack(out, dim=2).unflatten(0, (-1, 2))  # (G, 2, B, T, H)
+        out = _GRURecurrence.apply(gi.permute(2, 0, 1, 3), weights(f"weight_hh_l{layer}").transpose(1, 2),
+                                   weights(f"bias_hh_l{layer}").unsqueeze(1))  # (T, G * 2, B, H)
+        out = out.permute(1, 2, 0, 3).unflatten(0, (-1, 2))  # (G, 2, B, T, H)
         x = torch.cat([out[:, 0], flip(out[:, 1])], dim=-1)  # (G, B, T, 2H), time order
-        if layer < first.num_layers - 1 and first.dropout and first.training:
-            x = F.dropout(x, first.dropout)
+        if layer < first.num_layers - 1:
+            x = _dropout(x, first.dropout, first.training)  # nn.GRU's between layers (`Dropout`'s draw)
     keep = mask.unsqueeze(-1).to(x.dtype)
     return [y * keep for y in x]
 
@@ -213,6 +279,74 @@ class AttentionBlock(nn.Module):
         return self.ff_norm(x + self.dropout(self.ff(x)))
 
 
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`Dropout`'s draw (uniform >= p), as a function."""
+    if not training or p == 0.0:
+        return x
+    return x * torch.rand_like(x).ge_(p).div_(1 - p)
+
+
+def stacked_attention_weights(calls: list[list[AttentionBlock]]) -> list[dict[str, torch.Tensor]]:
+    """The parameters of several `stacked_attention` calls (blocks of one shape, as many per call), stacked once:
+    one op per kind of parameter for all the calls, not one per block and call. Returns each call's `weights`."""
+    flat = [b for blocks in calls for b in blocks]
+    first, (C, G) = flat[0], (len(calls), len(calls[0]))
+    if any(len(blocks) != G for blocks in calls):
+        raise ValueError("stacked_attention_weights: every call needs as many blocks")
+    if any(b.ff is not None for b in flat) or first.norm_style != "post":
+        raise ValueError("stacked_attention: post-norm blocks without a feed-forward only")
+    shape = lambda b: (b.q.weight.shape, b.heads, b.attn_dropout, b.dropout.p, b.norm.eps)  # noqa: E731
+    if any(shape(b) != shape(first) for b in flat):
+        raise ValueError("stacked_attention: the blocks' shapes differ")
+    A, D = first.q.weight.shape
+    stacked = {
+        "qkv_weight": torch.stack([p.weight for b in flat for p in (b.q, b.k, b.v)]).view(C, G, 3 * A, D),
+        "qkv_bias": torch.stack([p.bias for b in flat for p in (b.q, b.k, b.v)]).view(C, G, 1, 3 * A),
+        "out_weight": torch.stack([b.out.weight for b in flat]).view(C, G, D, A),
+        "out_bias": torch.stack([b.out.bias for b in flat]).view(C, G, 1, D),
+        "norm_weight": torch.stack([b.norm.weight for b in flat]).view(C, G, 1, D),
+        "norm_bias": torch.stack([b.norm.bias for b in flat]).view(C, G, 1, D)}
+    per_call = {k: v.unbind(0) for k, v in stacked.items()}  # unbind: its backward is one stack, not C copies
+    return [{k: v[c] for k, v in per_call.items()} for c in range(C)]
+
+
+def stacked_attention(blocks: list[AttentionBlock], query: torch.Tensor, context: torch.Tensor | None,
+                      mask: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """G AttentionBlocks of one shape (post-norm, no feed-forward: MiSTER-E's), block g on query[g] over
+    context[g] (None: self-attention), both (G, B, T, D), under one mask (B, T): (G, B, T, D), at the real
+    positions the same as each block's own `forward` (up to float summation order); the padded rows are left
+    unspecified (finite): the caller masks them. `weights`: the blocks' parameters from
+    `stacked_attention_weights` (stacked here when not given).
+
+    On a CPU these blocks are small enough that the launch of each op outweighs its arithmetic: here G blocks cost
+    the ops of one, each projection one batched matmul. They run padded, with the softmax written out (the
+    attention-weight dropout as `Dropout`'s, rather than SDPA's bernoulli draw, several times slower on CPU);
+    padded keys get no weight, so padding never reaches a real position."""
+    w = weights if weights is not None else stacked_attention_weights([blocks])[0]
+    first, (G, B, T, D) = blocks[0], query.shape
+    H, A = first.heads, first.q.weight.shape[0]
+
+    def project(x: torch.Tensor, rows: slice) -> torch.Tensor:  # (G, B, T, D) -> (G, B * T, rows of q|k|v)
+        return torch.baddbmm(w["qkv_bias"][..., rows], x.flatten(1, 2), w["qkv_weight"][:, rows].transpose(1, 2))
+
+    if context is None:  # q, k, v from one input: one matmul
+        q, k, v = project(query, slice(None)).chunk(3, dim=-1)
+    else:
+        q, (k, v) = project(query, slice(A)), project(context, slice(A, None)).chunk(2, dim=-1)
+    heads = lambda t: t.reshape(G * B, T, H, -1).transpose(1, 2).flatten(0, 1)  # noqa: E731  (G*B*H, T, d_h)
+    # Scores transposed, (keys, queries): a softmax over the second-last dim is ~3x faster on CPU than over a
+    # short last one. The padded keys' -inf, the scale and the matmul are one baddbmm.
+    key_bias = torch.zeros(B, T, 1, dtype=query.dtype, device=query.device).masked_fill_(~mask.unsqueeze(-1), -math.inf)
+    key_bias = key_bias.unsqueeze(1).expand(G, B, H, T, 1).reshape(G * B * H, T, 1)
+    scores = torch.baddbmm(key_bias, heads(k), heads(q).transpose(1, 2), alpha=(A // H) ** -0.5)
+    attention = _dropout(scores.softmax(-2), first.attn_dropout, first.training)  # (G*B*H, T keys, T queries)
+    attended = torch.bmm(attention.transpose(1, 2), heads(v)).view(G, B, H, T, -1).transpose(2, 3).reshape(G, B * T, A)
+    out = torch.baddbmm(w["out_bias"], attended, w["out_weight"].transpose(1, 2))
+    x = query.flatten(1, 2) + _dropout(out, first.dropout.p, first.training)
+    x = torch.addcmul(w["norm_bias"], F.layer_norm(x, (D,), eps=first.norm.eps), w["norm_weight"])
+    return x.view(G, B, T, D)
+
+
 # ---------------------------------------------------------------- experts
 
 
@@ -229,20 +363,29 @@ class LowRankExpert(nn.Module):
 
 
 def stacked_conv1d(convs: list[MaskedConv1d], x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Several MaskedConv1d of odd kernels and "same" padding (k // 2) on one input, as one matmul: their outputs
-    concatenated, (B, T, D) -> (B, T, sum of out channels), the same as each conv's own (up to float summation
-    order). A convolution is a linear map of the window around each position (masked inputs, zeros beyond the
-    ends); the kernels, zero-padded to the widest, stack into one matrix over one window."""
+    """Several MaskedConv1d of odd kernels and "same" padding (k // 2) on one input, as one matmul per run of convs
+    of one kernel size: their outputs concatenated, (B, T, D) -> (B, T, sum of out channels), the same as each
+    conv's own (up to float summation order). A convolution is a linear map of the window around each position
+    (masked inputs, zeros beyond the ends). The windows are laid out (B, T, D, K) like the conv weights
+    (out, D, k), so a weight is used as it is stored (no transposed copy of it each step), and a narrower kernel
+    reads the middle taps of the widest window (no zero-padded weights: no multiplications by zero)."""
     if any(c.kernel_size[0] % 2 == 0 or c.padding != (c.kernel_size[0] // 2,) or c.stride != (1,)
            or c.dilation != (1,) or c.groups != 1 for c in convs):
         raise ValueError("stacked_conv1d: odd kernels with padding k // 2, stride, dilation and groups 1 only")
-    K = max(c.kernel_size[0] for c in convs)
+    K, T = max(c.kernel_size[0] for c in convs), x.shape[1]
     keep = mask.unsqueeze(-1).to(x.dtype)
-    padded = F.pad(x * keep, (0, 0, K // 2, K // 2))  # (B, T + K - 1, D)
-    windows = torch.cat([padded[:, j:j + x.shape[1]] for j in range(K)], dim=-1)  # (B, T, K * D), tap-major
-    weight = torch.cat([F.pad(c.weight, ((K - c.kernel_size[0]) // 2,) * 2) for c in convs])  # (out, D, K)
-    bias = torch.cat([c.bias for c in convs])
-    return F.linear(windows, weight.transpose(1, 2).flatten(1), bias) * keep
+    x = x * keep
+    if K > 1:
+        padded = F.pad(x, (0, 0, K // 2, K // 2))  # (B, T + K - 1, D)
+        windows = torch.stack([padded[:, j:j + T] for j in range(K)], dim=-1)  # (B, T, D, K)
+    outs = []
+    for k, run in itertools.groupby(convs, key=lambda c: c.kernel_size[0]):
+        run = list(run)
+        weight, bias = (run[0].weight, run[0].bias) if len(run) == 1 else \
+            (torch.cat([c.weight for c in run]), torch.cat([c.bias for c in run]))
+        taps = x if k == 1 else windows[..., (K - k) // 2:(K + k) // 2].flatten(2)  # (B, T, D * k)
+        outs.append(F.linear(taps, weight.flatten(1), bias))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)) * keep
 
 
 def low_rank_down(experts: list[LowRankExpert], x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -314,6 +457,22 @@ def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0,
     return loss.mean()
 
 
+
+def focal_losses(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """`focal_loss` of K sets of logits at once: (B, T, K, C), labels (B, T) -> (K,), each the same as
+    focal_loss(logits[..., k, :], labels, gamma, weight) (up to float summation order)."""
+    keep = labels != IGNORE
+    z, y = logits[keep], labels[keep]  # (N, K, C), (N,)
+    if len(y) == 0:
+        return logits.sum((0, 1, 3)) * 0.0
+    logp = F.log_softmax(z, -1).gather(-1, y[:, None, None].expand(-1, z.shape[1], 1)).squeeze(-1)  # (N, K)
+    loss = -((1 - logp.exp()) ** gamma) * logp
+    if weight is not None:
+        w = weight[y]
+        return (loss * w[:, None]).sum(0) / w.sum()
+    return loss.mean(0)
+
 def supervised_contrastive(features: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """SupCon (Khosla et al., 2020) over the labelled utterances of the batch; features (B, T, D) or (N, D).
 
@@ -363,6 +522,19 @@ def symmetric_kl(a_logits: torch.Tensor, b_logits: torch.Tensor, mask: torch.Ten
     return 0.5 * (kl_distill(a_logits, b_logits, mask, temperature=temperature, detach_teacher=False)
                   + kl_distill(b_logits, a_logits, mask, temperature=temperature, detach_teacher=False))
 
+
+
+def mean_symmetric_kl(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """`symmetric_kl` averaged over every pair of E sets of logits (B, T, E, C), at once: KL(a||b) + KL(b||a) is
+    sum_c (p_a - p_b)(log p_a - log p_b), one product per pair instead of two kl_div per pair."""
+    E = logits.shape[-2]
+    logp = F.log_softmax(logits[mask] / temperature, -1)  # (N, E, C)
+    if len(logp) == 0:
+        return logits.sum() * 0.0
+    first, second = torch.triu_indices(E, E, offset=1, device=logits.device)
+    p = logp.exp()
+    per_pair = ((p[:, first] - p[:, second]) * (logp[:, first] - logp[:, second])).sum((0, 2))  # (pairs,)
+    return 0.5 * per_pair.mean() / len(logp)
 
 def score_l1(score: torch.Tensor | None, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
     """L1 on the continuous sentiment where there is one (MOSI); None when the dataset has none."""

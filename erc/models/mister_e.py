@@ -58,8 +58,9 @@ Choices where neither says
   key-padding masks in every attention, SupCon and KL over real utterances only. Hence two scale
   differences from the code: the focal losses are means over labelled utterances (the code averages over
   all positions, padding included, so its loss shrinks with padding), and the KL is the shared
-  `symmetric_kl`, (KL(p||q) + KL(q||p)) / 2 per real utterance (the code sums the two KLs without the 1/2
-  and, through `batchmean` on a (B, T, C) tensor, sums over utterances and divides by dialogues only).
+  `symmetric_kl` (over all the expert pairs at once: `mean_symmetric_kl`), (KL(p||q) + KL(q||p)) / 2 per real
+  utterance (the code sums the two KLs without the 1/2 and, through `batchmean` on a (B, T, C) tensor, sums
+  over utterances and divides by dialogues only).
 - Any input dim: the first convolutions and the Linear projections take the feature dim given by the data;
   the model's `width` (1024 in the paper) is a config field, the GRU hidden is width / 2 per direction.
 - Modalities: the paper uses speech and text only; "video", if given, is ignored. With text and audio all
@@ -87,8 +88,9 @@ from torch import nn
 
 from erc.data.dialogues import IGNORE, Batch
 from erc.models import Gates, ModelOutput, ModelSpec, register
-from erc.models.blocks import (AttentionBlock, MaskedBiGRU, MaskedConv1d, Packing, focal_loss, score_l1,
-                               stacked_bigru, stacked_conv1d, supervised_contrastive, symmetric_kl)
+from erc.models.blocks import (AttentionBlock, MaskedBiGRU, MaskedConv1d, focal_loss, focal_losses, mean_symmetric_kl,
+                               score_l1, stacked_attention, stacked_attention_weights, stacked_bigru, stacked_conv1d,
+                               supervised_contrastive)
 
 SPEECH, TEXT = "audio", "text"  # erc's modality names for the paper's speech and text
 EXPERT_OF = {SPEECH: "speech", TEXT: "text"}
@@ -156,12 +158,16 @@ class CrossModalBlock(nn.Module):
         self.speech_from_text, self.text_from_speech = attention(), attention()
         self.speech_self, self.text_self = attention(), attention()
 
-    def forward(self, speech: torch.Tensor, text: torch.Tensor, packing: Packing):
-        """speech, text: (N, width), the real positions of `packing` (the blocks run packed, see AttentionBlock)."""
-        speech, text = (self.speech_from_text.forward_packed(speech, text, packing),
-                        self.text_from_speech.forward_packed(text, speech, packing))
-        return (self.speech_self.forward_packed(speech, speech, packing),
-                self.text_self.forward_packed(text, text, packing))
+    def calls(self) -> list[list[AttentionBlock]]:
+        """The block's two steps, each a pair of attentions run as one (stacked_attention)."""
+        return [[self.speech_from_text, self.text_from_speech], [self.speech_self, self.text_self]]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, weights: list[dict] | None = None) -> torch.Tensor:
+        """x: (2, B, T, width), speech then text (padded rows unspecified, see stacked_attention); `weights`: the
+        calls' stacked parameters (stacked_attention_weights)."""
+        (cross, own), (cross_w, own_w) = self.calls(), weights or stacked_attention_weights(self.calls())
+        x = stacked_attention(cross, x, x.flip(0), mask, cross_w)  # speech queries text, text queries speech
+        return stacked_attention(own, x, None, mask, own_w)
 
 
 class CrossModalExpert(nn.Module):
@@ -180,11 +186,12 @@ class CrossModalExpert(nn.Module):
 
     def forward(self, speech_x: torch.Tensor, text_x: torch.Tensor, mask: torch.Tensor):
         m = mask.unsqueeze(-1).to(speech_x.dtype)
-        packing = Packing(mask)  # the blocks run on the real positions, packed once for all of them
-        speech, text = self.speech_in(packing.pack(speech_x)), self.text_in(packing.pack(text_x))
-        for block in self.blocks:
-            speech, text = block(speech, text, packing)
-        speech, text = packing.unpack(speech), packing.unpack(text)
+        x = torch.stack([self.speech_in(speech_x), self.text_in(text_x)])  # (2, B, T, width)
+        # every block's attention parameters stacked at once (one op per kind, not one per attention)
+        weights = stacked_attention_weights([call for block in self.blocks for call in block.calls()])
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, weights[2 * i:2 * i + 2])
+        speech, text = x.unbind(0)  # padded rows: masked just below
         speech = (speech + self.speech_skip(speech_x)) * m  # the contrastive views
         text = (text + self.text_skip(text_x)) * m
         state = F.relu(self.fuse(self.norm(torch.cat([text, speech], dim=-1))))  # (B, T, width)
@@ -276,11 +283,13 @@ class MisterE(nn.Module):
             out.score = (gate * scores).sum(-1)  # (B, T)
 
         if (batch.labels != IGNORE).any():
-            focal = lambda z: focal_loss(z, batch.labels, cfg.focal_gamma, self.class_weights)  # noqa: E731
-            out.losses["focal_mix"] = focal(mixed)
-            if len(self.expert_names) > 1:
-                for name in self.expert_names:
-                    out.losses[f"focal_{name}"] = focal(logits[name])
+            if len(self.expert_names) > 1:  # the mixed and every expert's focal loss, as one
+                focal = focal_losses(torch.cat([mixed.unsqueeze(-2), stacked], dim=-2), batch.labels, cfg.focal_gamma,
+                                     self.class_weights)
+                for name, value in zip(["mix", *self.expert_names], focal.unbind()):
+                    out.losses[f"focal_{name}"] = value
+            else:
+                out.losses["focal_mix"] = focal_loss(mixed, batch.labels, cfg.focal_gamma, self.class_weights)
             if self.cross is not None and cfg.supcon_weight:
                 # Both views of every labelled utterance in one SupCon; a view whose modality is missing is out.
                 views = torch.cat([speech_view.flatten(0, 1), text_view.flatten(0, 1)])
@@ -289,9 +298,7 @@ class MisterE(nn.Module):
                 out.losses["supcon"] = cfg.supcon_weight * supervised_contrastive(views, view_labels,
                                                                                   cfg.supcon_temperature)
         if len(self.expert_names) > 1 and cfg.kl_weight:
-            pairs = [(a, b) for i, a in enumerate(self.expert_names) for b in self.expert_names[i + 1:]]
-            kl = sum(symmetric_kl(logits[a], logits[b], mask, cfg.kl_temperature) for a, b in pairs) / len(pairs)
-            out.losses["kl"] = cfg.kl_weight * kl
+            out.losses["kl"] = cfg.kl_weight * mean_symmetric_kl(stacked, mask, cfg.kl_temperature)  # over expert pairs
         l1 = score_l1(out.score, batch.score, mask)
         if l1 is not None:
             out.losses["score_l1"] = cfg.score_weight * l1
