@@ -28,21 +28,28 @@ from tests.fixtures import (alone_and_padded, missing_audio_batch, one_torch_thr
 # fall (None: the whole loss) and to what fraction of its first value (dropout off there).
 TINY = {
     "baseline": {"hidden": 16, "dropout": 0.1},
+    "dialoguernn": {"global_size": 12, "party_size": 10, "emotion_size": 8, "hidden": 8, "listener_state": True,
+                    "dropout": 0.1, "rec_dropout": 0.1, "emotion_dropout": 0.1},
     "mister_e": {"width": 16, "attn_dim": 12, "heads": 3, "gru_layers": 2, "cross_blocks": 2, "dropout": 0.1},
+    "mmgcn": {"hidden": 16, "gcn_hidden": 12, "layers": 4, "dropout": 0.1},
     "mmolre": {"hidden": 32, "rank": 8, "num_shared": 3, "top_k": 2, "dropout": 0.1},
     "mmolre_context": {"hidden": 32, "rank": 8, "num_shared": 3, "top_k": 2, "dropout": 0.1},
     "sdt": {"hidden": 32, "heads": 4, "ff_dim": 32, "dropout": 0.1},
     "summer": {"hidden": 32, "heads": 4, "ff_dim": 32, "dropout": 0.1, "num_experts": 4, "top_k": 2, "expert_rank": 4,
                "local_window": 2},
+    "utterance": {"hidden": 16, "dropout": 0.1},
 }
 LEARNS = {
     "baseline": {"steps": 300, "lr": 1e-2, "term": "ce", "below": 0.1, "config": {"hidden": 32}},
+    "dialoguernn": {"steps": 150, "lr": 1e-2, "term": "ce", "below": 0.1},
     "mister_e": {"steps": 60, "lr": 3e-3, "term": "focal_mix", "below": 0.05,
                  "config": {"width": 32, "attn_dropout": 0.0}},
+    "mmgcn": {"steps": 150, "lr": 1e-2, "term": "ce", "below": 0.1},
     "mmolre": {"steps": 200, "lr": 1e-2, "term": None, "below": 0.2},
     "mmolre_context": {"steps": 200, "lr": 1e-2, "term": None, "below": 0.2},
     "sdt": {"steps": 150, "lr": 3e-3, "term": None, "below": 0.1},
     "summer": {"steps": 150, "lr": 3e-3, "term": "ce", "below": 0.1},
+    "utterance": {"steps": 300, "lr": 1e-2, "term": "ce", "below": 0.1, "config": {"hidden": 32}},
 }
 STORED = Path(__file__).with_name("model_outputs.json")
 every_model = pytest.mark.parametrize("name", sorted(TINY))
@@ -146,6 +153,18 @@ def test_same_seed_same_loss(tasks, name):
     batch = task.splits["train"].collate([0, 1, 2, 3])
     assert seeded_loss(name, task.spec, TINY[name], batch, 0) == seeded_loss(name, task.spec, TINY[name], batch, 0)
     assert seeded_loss(name, task.spec, TINY[name], batch, 0) != seeded_loss(name, task.spec, TINY[name], batch, 1)
+
+
+@every_model
+def test_bf16_autocast_gives_finite_gradients(tasks, name):
+    """`precision: auto` trains in bf16 on GPUs: every gradient must stay finite there (checked under CPU autocast)."""
+    task = tasks["emotion"]
+    model = tiny(name, task).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(task.splits["train"].collate([0, 1, 2, 3]))
+    out.loss.float().backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert torch.isfinite(out.loss) and not bad, bad
 
 
 @every_model

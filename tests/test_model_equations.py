@@ -1,9 +1,10 @@
-"""Every equation SUMMER (erc/models/summer.py) and MMoLRE (erc/models/mmolre.py, mmolre_context.py) follow, checked
-against a value worked out by hand on a tiny input.
+"""Every equation SUMMER (erc/models/summer.py) and MMoLRE (erc/models/mmolre.py, mmolre_context.py) follow, and the
+paper's equations of DialogueRNN, MMGCN and the no-context `utterance` model, checked against a value worked out by
+hand on a tiny input.
 
-Neither paper has code, so these tests are the only check that the code computes what its docstring says. Each test
-sets the weights it depends on explicitly (seeded values copied in, identities, zeros), turns dropout off, and
-recomputes the equation with plain torch arithmetic: loops, exp, sums; never the module under test or the shared
+Neither SUMMER nor MMoLRE has code, so their tests are the only check that the code computes what its docstring
+says. Each test sets the weights it depends on explicitly (seeded values copied in, identities, zeros), turns dropout
+off, and recomputes the equation with plain torch arithmetic: loops, exp, sums; never the module under test or the shared
 blocks it calls (top_k_gates, load_balance, kl_distill, ...). The "paper's equation" is the one the model's docstring
 states: both papers publish their components, not these formulas, and the docstrings say which forms are erc's.
 """
@@ -463,3 +464,203 @@ def test_mmolre_context_gru_adds_dialogue_context_residually():
             hand = (x + torch.cat([forward, backward], dim=-1)) * present
             assert torch.allclose(hidden[b, :length], hand, atol=1e-5)
             assert not hidden[b, length:].any()
+
+
+# ---------------------------------------------------------------- MMGCN (erc/models/mmgcn.py)
+# MMGCN has official code; these check the two equations its docstring takes from the paper and that code: the
+# normalised multimodal adjacency and one GCNII* layer, recomputed with loops and math.acos.
+
+
+def mmgcn_tiny_graph():
+    """One dialogue of 3 utterances padded to 4, text and audio, the second utterance without audio; the model's
+    node features and adjacency (dropout off)."""
+    torch.manual_seed(0)
+    model = build_model("mmgcn", ModelSpec({"text": 3, "audio": 2}, 3),
+                        {"hidden": D, "gcn_hidden": 3, "layers": 2, "dropout": 0.0}).eval()
+    batch = make_batch({"text": seeded(1, 4, 3, seed=140), "audio": seeded(1, 4, 2, seed=141)}, [3],
+                       missing=[("audio", 0, 1)])
+    with torch.no_grad():
+        nodes, valid, adj = model.graph(batch)
+    return model, batch, nodes, valid, adj
+
+
+def test_mmgcn_adjacency_is_normalised_angular_similarity_over_the_real_nodes():
+    """A_ij = 1 - arccos(0.99999 cos(x_i, x_j)) / pi between two nodes of one modality (i = j included: the
+    self-loop) or the two modality nodes of one utterance, 0 otherwise and at any padded or missing node;
+    the module's adjacency is D^-1/2 A D^-1/2 with D the row sums, nodes in the order m*T + t (audio, text)."""
+    model, batch, nodes, valid, adj = mmgcn_tiny_graph()
+    assert model.modalities == ["audio", "text"]
+    M, T = 2, 4
+    exists = [[bool(batch.mask[0, t] and batch.modality_mask[m][0, t]) for t in range(T)] for m in model.modalities]
+    assert exists == [[True, False, True, False], [True, True, True, False]]
+    assert valid[0].tolist() == exists
+
+    def angular(a, b):
+        cos = float(a @ b) / math.sqrt(float(a @ a) * float(b @ b))
+        return 1 - math.acos(0.99999 * cos) / math.pi
+
+    A = torch.zeros(M * T, M * T)
+    for m in range(M):
+        for t in range(T):
+            for n in range(M):
+                for s in range(T):
+                    if exists[m][t] and exists[n][s] and (m == n or t == s):
+                        A[m * T + t, n * T + s] = angular(nodes[0, m, t], nodes[0, n, s])
+    degree = A.sum(1)
+    hand = torch.zeros_like(A)
+    for i in range(M * T):
+        for j in range(M * T):
+            if A[i, j] != 0:
+                hand[i, j] = A[i, j] / math.sqrt(degree[i] * degree[j])
+    assert A[0, 0] > 0.99 and A[4 + 1, 4 + 1] > 0.99 and A[1].abs().sum() == 0  # self-loops; the missing node
+    assert A[0, 4] != 0 and A[0, 5] == 0 and A[4, 5] != 0  # inter-modal only within an utterance
+    torch.testing.assert_close(adj[0], hand, atol=1e-6, rtol=1e-5)
+
+
+def test_mmgcn_gcnii_layer_matches_equation():
+    """Layer l (before its ReLU): beta_l [A h, h0] W_l + (1 - beta_l)((1 - alpha) A h + alpha h0), with
+    beta_l = log(lamda / l + 1); the model's second layer (l = 2) on the tiny graph's adjacency."""
+    model, _, _, _, adj = mmgcn_tiny_graph()
+    layer = model.gcn[1]
+    alpha, lamda = model.config.alpha, model.config.lamda
+    assert layer.beta == pytest.approx(math.log(lamda / 2 + 1))
+    seed_parameters(layer, seed=150)
+    h, h0 = seeded(1, 8, 3, seed=151), seeded(1, 8, 3, seed=152)
+    W = layer.weight.weight  # (3, 6): output units x [A h, h0]
+    beta = math.log(lamda / 2 + 1)
+    hand = torch.zeros(8, 3)
+    for i in range(8):
+        propagated = sum(adj[0, i, j] * h[0, j] for j in range(8))
+        support = torch.cat([propagated, h0[0, i]])
+        for k in range(3):
+            hand[i, k] = beta * sum(W[k, c] * support[c] for c in range(6)) \
+                + (1 - beta) * ((1 - alpha) * propagated[k] + alpha * h0[0, i, k])
+    with torch.no_grad():
+        torch.testing.assert_close(layer(h, adj, h0)[0], hand, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- DialogueRNN and the no-context utterance baseline
+
+
+def hand_gru_cell(cell, x, h):
+    """PyTorch's GRUCell (gates r, z, n) from the cell's weights: h' = (1 - z) n + z h."""
+    gi, gh = cell.weight_ih @ x + cell.bias_ih, cell.weight_hh @ h + cell.bias_hh
+    (ir, iz, i_n), (hr, hz, hn) = gi.chunk(3), gh.chunk(3)
+    r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+    return (1 - z) * torch.tanh(i_n + r * hn) + z * h
+
+
+def hand_dialoguernn(cells, u, speakers, listener):
+    """One direction of DialogueRNN over one dialogue u (T, D), speakers (T,), an utterance at a time:
+    g_t = GRU_G(g_{t-1}, u_t + q_s), c_t = softmax(u_t^T W_a [g_1..g_{t-1}]) [g_1..g_{t-1}],
+    q_s = GRU_P(q_s, u_t + c_t), listeners q_l = GRU_L(q_l, u_t + q_s) when `listener`, e_t = GRU_E(e_{t-1}, q_s);
+    '+' is concatenation here."""
+    D_g, D_p, D_e = cells.global_gru.hidden_size, cells.party_gru.hidden_size, cells.emotion_gru.hidden_size
+    g, e, history, out = torch.zeros(D_g), torch.zeros(D_e), [], []
+    party = {int(s): torch.zeros(D_p) for s in speakers}
+    for t in range(len(u)):
+        s = int(speakers[t])
+        g = hand_gru_cell(cells.global_gru, torch.cat([u[t], party[s]]), g)
+        context = torch.zeros(D_g)
+        if history:
+            query = cells.attention.weight @ u[t]
+            alpha = softmax(torch.stack([query @ g_j for g_j in history]))
+            context = sum(a * g_j for a, g_j in zip(alpha, history))
+        history.append(g)
+        spoken = hand_gru_cell(cells.party_gru, torch.cat([u[t], context]), party[s])
+        if listener:
+            for other in party:
+                if other != s:
+                    party[other] = hand_gru_cell(cells.listener_gru, torch.cat([u[t], spoken]), party[other])
+        party[s] = spoken
+        e = hand_gru_cell(cells.emotion_gru, spoken, e)
+        out.append(e)
+    return torch.stack(out)
+
+
+DRNN_SMALL = {"global_size": 4, "party_size": 3, "emotion_size": 3, "hidden": 4, "dropout": 0.0, "rec_dropout": 0.0,
+              "emotion_dropout": 0.0}
+# Dialogue 0: speakers A B B A (A's state comes back after two turns of B), audio missing on its third utterance;
+# dialogue 1: three speakers, padded by one.
+DRNN_SPEAKERS = torch.tensor([[0, 1, 1, 0], [0, 1, 2, 0]])
+DRNN_LENGTHS = [4, 3]
+
+
+def dialoguernn_and_batch(**overrides):
+    torch.manual_seed(0)
+    model = build_model("dialoguernn", ModelSpec({"text": 3, "audio": 2}, 3), {**DRNN_SMALL, **overrides}).eval()
+    for k, p in enumerate(model.parameters()):  # seeded, halved so that the gates do not saturate
+        set_(p, 0.5 * seeded(*p.shape, seed=140 + k))
+    batch = make_batch({"text": seeded(2, 4, 3, seed=150), "audio": seeded(2, 4, 2, seed=151)}, DRNN_LENGTHS,
+                       missing=[("audio", 0, 2)])
+    batch.speakers = DRNN_SPEAKERS * batch.mask
+    u = torch.cat([batch.features[m] * batch.modality_mask[m][..., None] for m in ("audio", "text")], dim=-1)
+    return model, batch, u
+
+
+def hand_head(model, x):
+    """Linear -> ReLU -> classifier on the rows of x."""
+    hidden = torch.relu(x @ model.linear.weight.T + model.linear.bias)
+    return hidden @ model.classifier.weight.T + model.classifier.bias
+
+
+@pytest.mark.parametrize("listener", [False, True])
+def test_dialoguernn_recurrence_matches_the_papers_equations(listener):
+    """Unidirectional, no emotion attention: every emotion state e_t (global state, attention context over the
+    global history, the speaker's party update, listeners' when `listener_state`, emotion GRU) and the logits."""
+    model, batch, u = dialoguernn_and_batch(bidirectional=False, emotion_attention=False, listener_state=listener)
+    with torch.no_grad():
+        out = model(batch)
+        for b, length in enumerate(DRNN_LENGTHS):
+            e = hand_dialoguernn(model.directions[0], u[b, :length], DRNN_SPEAKERS[b, :length], listener)
+            assert torch.allclose(out.extras["emotions"][b, :length], e, atol=1e-5)
+            assert torch.allclose(out.logits[b, :length], hand_head(model, e), atol=1e-5)
+
+
+def test_bidialoguernn_with_emotion_attention_matches_the_papers_equations():
+    """BiDialogueRNN+Att: the reverse direction is its own DialogueRNN over the dialogue reversed; e_t is both
+    directions' states concatenated; beta_t = softmax((W_b e_t + b) . e_j) over the dialogue's real utterances, the
+    head reads sum_j beta_tj e_j."""
+    model, batch, u = dialoguernn_and_batch()
+    with torch.no_grad():
+        out = model(batch)
+        for b, length in enumerate(DRNN_LENGTHS):
+            x, speakers = u[b, :length], DRNN_SPEAKERS[b, :length]
+            forward = hand_dialoguernn(model.directions[0], x, speakers, False)
+            backward = hand_dialoguernn(model.directions[1], x.flip(0), speakers.flip(0), False).flip(0)
+            e = torch.cat([forward, backward], dim=-1)
+            W, bias = model.emotion_attention.weight, model.emotion_attention.bias
+            beta = torch.stack([softmax(torch.stack([(W @ e[t] + bias) @ e[j] for j in range(length)]))
+                                for t in range(length)])
+            assert torch.allclose(out.extras["emotions"][b, :length], e, atol=1e-5)
+            assert torch.allclose(out.extras["emotion_attention"][b, :length, :length], beta, atol=1e-5)
+            assert not out.extras["emotion_attention"][b, :, length:].any()
+            assert torch.allclose(out.logits[b, :length], hand_head(model, beta @ e), atol=1e-5)
+
+
+def test_utterance_baseline_output_depends_on_the_utterance_alone():
+    """logits_t = C relu(W [relu(P_audio a_t + p_audio), relu(P_text x_t + p_text)] + w) + c, from the utterance's own
+    features only: changing every other utterance of the dialogue (and the speakers) leaves it as it is, and so
+    does running it as a dialogue of its own; the context baseline's output at the same place does change."""
+    spec = ModelSpec({"text": 3, "audio": 2}, 3)
+    torch.manual_seed(0)
+    model = build_model("utterance", spec, {"hidden": 2, "dropout": 0.0}).eval()
+    context = build_model("baseline", spec, {"hidden": 2, "dropout": 0.0}).eval()
+    seed_parameters(model, seed=170)
+    seed_parameters(context, seed=180)
+    features = {"text": seeded(1, 4, 3, seed=160), "audio": seeded(1, 4, 2, seed=161)}
+    batch = make_batch(features, [4])
+    others = make_batch({m: torch.where(torch.arange(4)[None, :, None] == 2, f, f + 3.0 * seeded(*f.shape, seed=162))
+                         for m, f in features.items()}, [4])
+    others.speakers = torch.tensor([[1, 0, 0, 1]])
+    alone = make_batch({m: f[:, 2:3] for m, f in features.items()}, [1])
+    with torch.no_grad():
+        out = model(batch).logits[0, 2]
+        assert torch.allclose(model(others).logits[0, 2], out, atol=1e-6)
+        assert torch.allclose(model(alone).logits[0, 0], out, atol=1e-6)
+        assert not torch.allclose(context(others).logits[0, 2], context(batch).logits[0, 2], atol=1e-3)
+        projected = [torch.relu(model.encoders[m].proj[0].weight @ features[m][0, 2] + model.encoders[m].proj[0].bias)
+                     for m in ("audio", "text")]
+        trunk = model.trunk[1]
+        hidden = torch.relu(trunk.weight @ torch.cat(projected) + trunk.bias)
+        assert torch.allclose(out, model.classifier.weight @ hidden + model.classifier.bias, atol=1e-6)

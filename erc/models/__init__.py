@@ -30,11 +30,14 @@ import torch
 # change here reruns every model's stages.)
 REGISTRY = {
     "baseline": "erc.models.baseline",
+    "dialoguernn": "erc.models.dialoguernn",
     "mister_e": "erc.models.mister_e",
+    "mmgcn": "erc.models.mmgcn",
     "mmolre": "erc.models.mmolre",
     "mmolre_context": "erc.models.mmolre_context",
     "sdt": "erc.models.sdt",
     "summer": "erc.models.summer",
+    "utterance": "erc.models.utterance",
 }
 
 
