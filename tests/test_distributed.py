@@ -1,7 +1,8 @@
 """Ray Train at scale, on this machine: two workers on a two-node cluster, a killed worker, DeepSpeed on CPU.
 
 The session's Ray is a real two-node cluster (`ray_session` in conftest). One medium generated dataset serves
-every run here; its epochs are long enough (about a second) that a worker can be killed in the middle of one.
+every run here. A worker is killed as soon as Ray Train's controller has registered the checkpoint of the epoch
+before (its snapshot file says so): the kill then lands inside the next epoch however fast an epoch has become.
 
 Tolerance. With dropout off, one worker on a global batch and two workers on its dealt halves compute the
 same gradient: each half's loss is weighted by its share of the batch's labelled utterances, and the all-reduce
@@ -103,24 +104,34 @@ def alive_training_workers() -> list:
     return list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
 
 
-def kill_a_worker_during_epoch(client, experiment: str, epoch: int, seed: int | None = None) -> dict:
-    """Wait for the run of `experiment` (of `seed`, where it has several) to finish `epoch - 1`, then SIGKILL one
-    worker part-way into `epoch`."""
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+def registered_checkpoint(storage: str) -> tuple[int, int] | None:
+    """(run index, epoch) of the checkpoint Ray Train's controller registered last under `storage`, None before
+    the first. A worker killed now restarts from it (a checkpoint reported but not yet registered is lost)."""
+    for snapshot in Path(storage).glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+            state = json.loads((snapshot.parent / latest["checkpoint_dir_name"] / "trainer_state.json").read_text())
+        except (OSError, ValueError, KeyError, TypeError):  # not written yet, or being rewritten
+            continue
+        return state["run"], state["epoch"]
+    return None
+
+
+def kill_a_worker_during_epoch(storage: str, epoch: int, run_index: int = 0) -> dict:
+    """Wait until the controller has registered the checkpoint of `epoch - 1` of the stage's run `run_index`, then
+    SIGKILL one worker: it is then inside `epoch` (an epoch takes longer than the read). Returns the epoch of the
+    checkpoint registered at the kill, the one the restart must resume from."""
     deadline = time.time() + 300
     while time.time() < deadline:
-        runs = [r for r in client.search_runs([experiment_id]) if seed is None or r.data.tags["seed"] == str(seed)]
-        if runs and len(done := client.get_metric_history(runs[0].info.run_id, "epoch")) >= epoch:
+        registered = registered_checkpoint(storage)
+        if registered is not None and registered >= (run_index, epoch - 1):
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     else:
-        raise TimeoutError(f"epoch {epoch - 1} never finished")
-    times = sorted(m.timestamp for m in done)
-    epoch_seconds = (times[-1] - times[-2]) / 1000 if len(times) > 1 else 1.0
-    time.sleep(0.4 * epoch_seconds)
+        raise TimeoutError(f"the checkpoint of epoch {epoch - 1} was never registered")
     victim = alive_training_workers()[-1]
     os.kill(victim.pid, signal.SIGKILL)
-    return {"pid": victim.pid, "epoch_seconds": epoch_seconds}
+    return {"pid": victim.pid, "registered": registered}
 
 
 def test_killed_worker_restores_from_the_last_checkpoint(reference_runs, medium, store, tmp_path):
@@ -133,13 +144,14 @@ def test_killed_worker_restores_from_the_last_checkpoint(reference_runs, medium,
     outcome = {}
     trainer = threading.Thread(target=lambda: outcome.update(run(cfg)))
     trainer.start()
-    killed = kill_a_worker_during_epoch(client, experiment, epoch=2)
+    killed = kill_a_worker_during_epoch(cfg.storage_path, epoch=2)
     trainer.join(timeout=600)
     assert outcome, "the run did not finish after the worker was killed"
     run_id = outcome["run_id"]
 
     assert client.get_run(run_id).info.status == "FINISHED"
     restored = client.get_metric_history(run_id, "restored_from_epoch")
+    assert killed["registered"] == (0, 1), killed  # the kill came inside epoch 2
     assert [m.value for m in restored] == [1.0], f"expected one restore from epoch 1 ({killed})"
     epochs = [m.step for m in client.get_metric_history(run_id, "val_wf1")]
     assert sorted(set(epochs)) == list(range(EPOCHS))
@@ -161,10 +173,11 @@ def test_worker_killed_in_a_later_seed_resumes_that_seed(reference_runs, medium,
     outcome = []
     trainer = threading.Thread(target=lambda: outcome.extend(run_all(configs)))
     trainer.start()
-    killed = kill_a_worker_during_epoch(client, experiment, epoch=2, seed=1)
+    killed = kill_a_worker_during_epoch(configs[0].storage_path, epoch=2, run_index=1)
     trainer.join(timeout=600)
     assert outcome, "the stage did not finish after the worker was killed"
     first, second = (r["run_id"] for r in outcome)
+    assert killed["registered"] == (1, 1), killed  # the kill came inside seed 1's epoch 2
     assert [m.value for m in client.get_metric_history(second, "restored_from_epoch")] == [1.0], killed
     assert not client.get_metric_history(first, "restored_from_epoch")
     assert sorted(m.step for m in client.get_metric_history(first, "val_wf1")) == list(range(EPOCHS))
