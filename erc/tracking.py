@@ -295,6 +295,21 @@ def pyfunc_flavor(directory, model_id: str, run_id: str) -> None:
     mlmodel.save(Path(directory) / "MLmodel")
 
 
+def log_dataset_inputs(client, run_id: str, datasets: list, attempts: int = 3) -> None:
+    """`client.log_inputs`, safe when runs of one experiment log the same dataset at the same moment (the seeds of a
+    stage side by side): both find no row for it and both insert one, and the store's unique key refuses the second.
+    Its retry finds the row the first wrote and only links it to its run."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return client.log_inputs(run_id, datasets=datasets)
+        except MlflowException:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 def log_trained_model(client, cfg, task, checkpoint_dir, metrics: dict) -> str:
     """The run's dataset inputs, its selected checkpoint as a logged model (with `MODEL_INFO` and, for a model
     that distils from a teacher, the teacher's checkpoint under teacher/), its test metrics linked to the model,
@@ -303,7 +318,7 @@ def log_trained_model(client, cfg, task, checkpoint_dir, metrics: dict) -> str:
 
     run = client.get_run(cfg.run_id)
     datasets = dataset_inputs(cfg.dataset, task.prepared.meta, dict(cfg.inputs), cfg.prepared)
-    client.log_inputs(cfg.run_id, datasets=datasets)
+    log_dataset_inputs(client, cfg.run_id, datasets)
     info = model_info(cfg, task)
     name = registered_name(cfg.dataset, cfg.model, run.data.tags)
     tags = {"dataset": cfg.dataset, "features": cfg.features_tag, "labels": json.dumps(info["labels"]),
