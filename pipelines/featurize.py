@@ -1,10 +1,13 @@
 """Stage `featurize@<dataset>`: features for every utterance, one feature set per encoder in params.
 
-    python pipelines/featurize.py meld --prepared data/prepared/meld --out data/features/meld
+    python pipelines/featurize.py meld --prepared data/prepared/meld --out data/features/meld \
+        --timings reports/featurize/meld.json
 
 Text: `featurize.encoders` (any transformers encoder or decoder LLM). Audio, for a dataset whose media
 `featurize.media.<dataset>` names: `featurize.acoustic` (openSMILE, librosa) and `featurize.speech`
 (wav2vec2, WavLM, HuBERT, the Whisper encoder, ...), or the subset that the media entry's `sets` lists.
+Timings go to `--timings`, a metrics file apart from the features: they differ on every run, and inside the
+features' folder they would change its hash and rerun every stage downstream.
 """
 
 import argparse
@@ -15,7 +18,7 @@ import torch
 from erc.data.canonical import feature_set_names, load, load_features
 from erc.evaluation.leakage import leakage_max_gap, probe_features
 from erc.features.featurize import featurize_dataset
-from erc.io import check_writable, locked_atomic_path, remove_stale_temps
+from erc.io import check_writable, locked_atomic_path, remove_stale_temps, write_json
 from erc.params import load_params, stage_main
 from erc.training.finetune import finetune_dataset
 
@@ -26,11 +29,14 @@ def main():
     parser.add_argument("dataset")
     parser.add_argument("--prepared", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--timings", help="a JSON file for the encoders' and media passes' timing figures")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, e.g. --set featurize.encoders.minilm.batch_size=128")
     args = parser.parse_args()
     check_writable(args.out, folder=True)
+    if args.timings:
+        check_writable(args.timings)
     params = load_params(args.params, args.set)
     torch.manual_seed(0)
 
@@ -40,7 +46,9 @@ def main():
     with locked_atomic_path(args.out) as tmp:
         tmp.mkdir()
         table_source = f"{args.prepared}/utterances.parquet"
-        for line in featurize_dataset(args.dataset, prepared, table_source, params, tmp, source=args.params):
+        timings = {}
+        for line in featurize_dataset(args.dataset, prepared, table_source, params, tmp, source=args.params,
+                                      timings=timings):
             print(line, flush=True)
         for line in finetune_dataset(args.dataset, prepared, table_source, params, tmp, source=args.params):
             print(line, flush=True)
@@ -51,6 +59,8 @@ def main():
             fs.info.setdefault("label_derived", bool(fs.info.get("finetune")))
             probe_features(args.dataset, prepared.table, {name: fs}, prepared.meta, max_gap=gap)
             (tmp / f"{name}.json").write_text(json.dumps(fs.describe(), indent=2) + "\n")
+    if args.timings:
+        write_json(args.timings, timings)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,10 @@ and counted in `<name>.json` (`missing`, `bad_media`) and on the terminal.
 from __future__ import annotations
 
 import contextlib
-import json
 import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -141,13 +139,14 @@ def featurize_media(items, extractors: dict, directory, *, source: list[str], on
                "load_seconds": load_seconds, "seconds": seconds, "workers": workers, "wall_seconds": wall,
                "audio_seconds_per_s": {n: audio_seconds / max(s, 1e-9) for n, s in seconds.items()},
                "audio_seconds_per_wall_s": audio_seconds / max(wall, 1e-9)}
-    (Path(directory) / f"{modality}.timing.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures
 
 
 def featurize_dataset(dataset: str, prepared: Prepared, table_source: str, params: dict, out, *,
-                      source="params.yaml", progress: bool = True):
-    """Write every feature set of `dataset` into `out`; yields one line per set for the terminal."""
+                      source="params.yaml", progress: bool = True, timings: dict | None = None):
+    """Write every feature set of `dataset` into `out`; yields one line per set for the terminal. `timings`, if
+    given, gets each text set's and each media pass's figures (by set name, and `audio` / `video`)."""
+    timings = {} if timings is None else timings
     section = params["featurize"]
     table = prepared.table
     if table["text"].str.len().sum() == 0:
@@ -157,8 +156,8 @@ def featurize_dataset(dataset: str, prepared: Prepared, table_source: str, param
             spec = TextEncoderSpec.from_params(spec, source=source)
             if spec.finetune is not None:
                 continue  # a tuned encoder is stage 1's (erc.training.finetune)
-            timing = featurize_text(table, out, name, spec, batch_size=section.get("batch_size", 64),
-                                    source=[table_source], progress=progress)
+            timing = timings[name] = featurize_text(table, out, name, spec, batch_size=section.get("batch_size", 64),
+                                                    source=[table_source], progress=progress)
             yield f"{dataset} {name}: {len(table)} utterances, {timing['utterances_per_s']:.0f} utterances/s"
     media = (section.get("media") or {}).get(dataset)
     if media is None:
@@ -171,6 +170,7 @@ def featurize_dataset(dataset: str, prepared: Prepared, table_source: str, param
         figures = featurize_media(items, extractors, out, source=[f"media:{media['layout']}"],
                                   on_bad_media=section.get("on_bad_media", "error"), specs=specs, progress=progress,
                                   workers=media_workers(section.get("workers"), source=source))
+        timings["audio"] = figures
         for name, rate in figures["audio_seconds_per_s"].items():
             yield (f"{dataset} {name}: {figures['files']} files ({figures['audio_seconds']:.0f} s of audio), "
                    f"{rate:.1f} s of audio per CPU second")
@@ -188,5 +188,6 @@ def featurize_dataset(dataset: str, prepared: Prepared, table_source: str, param
         figures = featurize_media(items, {n: FrameEncoder(**visual[n]) for n in media["visual"]}, out,
                                   source=[f"media:{media['layout']}"], on_bad_media=section.get("on_bad_media", "error"),
                                   specs=visual, modality="video", progress=progress)
+        timings["video"] = figures
         for name, spent in figures["seconds"].items():
             yield f"{dataset} {name}: {figures['files']} videos, {figures['files'] / max(spent, 1e-9):.1f} videos per s"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -144,28 +143,30 @@ def encode_texts(texts: list[str], tokenizer, model, *, batch_size: int = 64, ma
                  progress: bool = True) -> tuple[np.ndarray, dict]:
     """Encode `texts` into a float32 (N, H) matrix in input order (into `out` if given); also timing figures.
 
-    Texts are sorted by token count so each batch pads to a similar length (most of the saving on CPU); a batch
-    is tokenized when it is encoded.
+    Texts are sorted by token count so each batch pads to a similar length (most of the saving on CPU). They are
+    tokenized once, a block at a time, into one flat int32 array of token ids (about 4 bytes a token: a small
+    fraction of the float32 matrix it produces), so no list of Python ints grows with the corpus.
     """
     pooling = default_pooling(model) if pooling == "auto" else pooling
     texts = list(texts)  # references only, indexable by position
+    start = time.perf_counter()
+    blocks, lengths = [], np.zeros(len(texts), dtype=np.int64)
+    for first in range(0, len(texts), 4096):
+        ids = tokenizer(texts[first:first + 4096], truncation=True, max_length=max_length,
+                        add_special_tokens=True)["input_ids"]
+        lengths[first:first + len(ids)] = [len(x) for x in ids]
+        blocks.append(np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(sum(map(len, ids)))))
+    tokens = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
 
     def token_ids(chosen) -> list[list[int]]:
-        return tokenizer([texts[i] for i in chosen], truncation=True, max_length=max_length,
-                         add_special_tokens=True)["input_ids"]
+        return [tokens[offsets[i]:offsets[i + 1]].tolist() for i in chosen]
 
-    # Only the token counts are kept for the order; each batch is tokenized again when it is encoded (a text's
-    # tokens do not depend on its batch), so no list of every text's tokens grows with the corpus.
-    lengths = np.zeros(len(texts), dtype=np.int64)
-    for start in range(0, len(texts), 4096):
-        chosen = range(start, min(start + 4096, len(texts)))
-        lengths[start:start + len(chosen)] = [len(x) for x in token_ids(chosen)]
     order = np.argsort(lengths, kind="stable")
     hidden_size = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.d_model
     if out is None:
         out = np.zeros((len(texts), hidden_size), dtype=np.float32)
     device = next(model.parameters()).device
-    start = time.perf_counter()
     batches = range(0, len(order), batch_size)
     for b in tqdm(batches, desc="encode", unit="batch", disable=not progress):
         rows = np.sort(order[b:b + batch_size])
@@ -208,7 +209,8 @@ def feature_file(directory, name: str, modality: str, *, rows: int, dim: int, so
 
 def featurize_text(table: pd.DataFrame, directory, name: str, spec: TextEncoderSpec, *, batch_size: int,
                    source: list[str], progress: bool = True) -> dict:
-    """Encode every utterance of `table` with `spec` into the feature set `<directory>/<name>`; timing back."""
+    """Encode every utterance of `table` with `spec` into the feature set `<directory>/<name>`; its timing figures
+    back (the stage writes them as metrics, apart from the features: a timing differs on every run)."""
     tokenizer, model = load_encoder(spec.model, dtype=spec.dtype, device=spec.device)
     if spec.template is not None:
         tokenizer.truncation_side = "left"  # keep the utterance (at the end), drop the oldest context
@@ -220,5 +222,4 @@ def featurize_text(table: pd.DataFrame, directory, name: str, spec: TextEncoderS
                                  max_length=spec.max_length, pooling=spec.pooling, layer=spec.layer,
                                  out=fs.values, progress=progress)
         fs.info["pooling"] = timing["pooling"]
-    (Path(directory) / f"{name}.timing.json").write_text(json.dumps(timing) + "\n")
     return timing
