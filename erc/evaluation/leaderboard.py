@@ -177,17 +177,18 @@ def add_significance(board: pd.DataFrame, runs: pd.DataFrame, predictions: dict[
     return board
 
 
-def _fmt(value, digits=2) -> str:
+def format_number(value, digits=2) -> str:
+    """The cell formats of the leaderboard's markdown, which the report page shows as they are here."""
     return "" if value is None or pd.isna(value) else f"{value:.{digits}f}"
 
 
-def _p(value, significant) -> str:
+def format_p(value, significant) -> str:
     if value is None or pd.isna(value):
         return ""
     return ("< 0.001" if value < 0.001 else f"{value:.3f}") + (" *" if significant else "")
 
 
-def _pm(row, m, digits=2) -> str:
+def format_mean_std(row, m, digits=2) -> str:
     mean, std = row.get(f"{m}_mean"), row.get(f"{m}_std")
     if mean is None or pd.isna(mean):
         return ""
@@ -205,7 +206,7 @@ def _flags(row) -> str:
     return "; ".join(out)
 
 
-def _millions(count) -> str:
+def format_millions(count) -> str:
     return "" if pd.isna(count) else f"{count / 1e6:.2f}M"
 
 
@@ -230,23 +231,25 @@ def to_markdown(board: pd.DataFrame) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for _, row in part.iterrows():
             row = row.to_dict()
-            ci = f"[{_fmt(row.get('wf1_ci_low'))}, {_fmt(row.get('wf1_ci_high'))}]" if not pd.isna(
+            ci = f"[{format_number(row.get('wf1_ci_low'))}, {format_number(row.get('wf1_ci_high'))}]" if not pd.isna(
                 row.get("wf1_ci_low", math.nan)) else ""
-            params, trainable = (_millions(row.get(k)) for k in ("params_total", "params_trainable"))
-            lines.append(
-                f"| {row['dataset']} | {row['model']} | {row['features']} | {row['n_seeds']} | {_pm(row, 'wf1')} | {ci} | "
-                f"{_p(row.get('p_vs_baseline'), row.get('significant_vs_baseline'))} | "
-                f"{_p(row.get('p_vs_best'), row.get('significant_vs_best'))} | {_pm(row, 'acc')} | {_pm(row, 'macro_f1')} | "
-                f"{params} | {trainable} | {_fmt(row.get('train_s_per_epoch'))} | {_fmt(row.get('infer_ms_per_dialogue'))} | "
-                f"{_fmt(row.get('peak_rss_mb'), 0)} | {_flags(row)} |")
+            params, trainable = (format_millions(row.get(k)) for k in ("params_total", "params_trainable"))
+            cells = [row["dataset"], row["model"], row["features"], row["n_seeds"], format_mean_std(row, "wf1"), ci,
+                     format_p(row.get("p_vs_baseline"), row.get("significant_vs_baseline")),
+                     format_p(row.get("p_vs_best"), row.get("significant_vs_best")), format_mean_std(row, "acc"),
+                     format_mean_std(row, "macro_f1"), params, trainable, format_number(row.get("train_s_per_epoch")),
+                     format_number(row.get("infer_ms_per_dialogue")), format_number(row.get("peak_rss_mb"), 0),
+                     _flags(row)]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
         mosi = part[part.get("acc2_mean", pd.Series(dtype=float)).notna()] if "acc2_mean" in part else part.iloc[:0]
         if len(mosi):
             lines += ["", "MOSI's sentiment figures (Acc-2 from the classifier, Acc-7 and MAE and r from the score head):",
                       "", "| model | features | Acc-2 | Acc-7 | MAE | r |", "|---|---|---|---|---|---|"]
             for _, row in mosi.iterrows():
                 row = row.to_dict()
-                lines.append(f"| {row['model']} | {row['features']} | {_pm(row, 'acc2')} | {_pm(row, 'acc7')} | "
-                             f"{_pm(row, 'mae', 3)} | {_pm(row, 'corr', 3)} |")
+                cells = [row["model"], row["features"], format_mean_std(row, "acc2"), format_mean_std(row, "acc7"),
+                         format_mean_std(row, "mae", 3), format_mean_std(row, "corr", 3)]
+                lines.append("| " + " | ".join(map(str, cells)) + " |")
         lines.append("")
     return "\n".join(lines)
 

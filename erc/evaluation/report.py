@@ -171,7 +171,7 @@ def _significant(value) -> bool:
 
 def _interval(row) -> str:
     low, high = row.get("wf1_ci_low"), row.get("wf1_ci_high")
-    return "" if low is None or pd.isna(low) else f"[{lb._fmt(low)}, {lb._fmt(high)}]"
+    return "" if low is None or pd.isna(low) else f"[{lb.format_number(low)}, {lb.format_number(high)}]"
 
 
 def leaderboard_display(board: pd.DataFrame, published: pd.DataFrame) -> pd.DataFrame:
@@ -185,20 +185,20 @@ def leaderboard_display(board: pd.DataFrame, published: pd.DataFrame) -> pd.Data
             continue
         base = col.removesuffix("_mean")
         if col.endswith("_mean"):
-            out[human(base)] = [lb._pm(r, base, DIGITS.get(base, 2)) for r in rows]
+            out[human(base)] = [lb.format_mean_std(r, base, DIGITS.get(base, 2)) for r in rows]
             done.add(f"{base}_std")
             if base == "wf1":
-                out[PUBLISHED_COLUMN] = [lb._fmt(v) for v in _published_for(board, published)]
+                out[PUBLISHED_COLUMN] = [lb.format_number(v) for v in _published_for(board, published)]
         elif col == "wf1_ci_low":
             out[human("wf1_ci")] = [_interval(r) for r in rows]
         elif col.startswith("p_vs_"):
             flag = col.replace("p_vs_", "significant_vs_")
-            out[human(col)] = [lb._p(r[col], _significant(r.get(flag))) for r in rows]
+            out[human(col)] = [lb.format_p(r[col], _significant(r.get(flag))) for r in rows]
         elif col.startswith("params_"):
-            out[human(col)] = [lb._millions(r[col]) for r in rows]
+            out[human(col)] = [lb.format_millions(r[col]) for r in rows]
         else:
-            out[human(col)] = [lb._fmt(v, DIGITS.get(col, 2)) if isinstance(v, float) else ("" if pd.isna(v) else v)
-                               for v in board[col]]
+            out[human(col)] = [lb.format_number(v, DIGITS.get(col, 2)) if isinstance(v, float)
+                               else ("" if pd.isna(v) else v) for v in board[col]]
     return pd.DataFrame(out, index=board.index)
 
 
@@ -216,13 +216,13 @@ def short_leaderboard(board: pd.DataFrame, published: pd.DataFrame, dataset: str
     the baseline, parameters, s/epoch, and the published figure."""
     part = board[board["dataset"] == dataset]
     rows = [row.to_dict() for _, row in part.iterrows()]
-    table = {"model": _row_names(part), human("wf1"): [lb._pm(r, "wf1") for r in rows],
+    table = {"model": _row_names(part), human("wf1"): [lb.format_mean_std(r, "wf1") for r in rows],
              human("wf1_ci"): [_interval(r) for r in rows],
-             human("p_vs_baseline"): [lb._p(r.get("p_vs_baseline"), _significant(r.get("significant_vs_baseline")))
-                                      for r in rows],
-             human("params_total"): [lb._millions(r.get("params_total", np.nan)) for r in rows],
-             human("train_s_per_epoch"): [lb._fmt(r.get("train_s_per_epoch")) for r in rows],
-             "published (test-selected)": [lb._fmt(v) for v in _published_for(part, published)]}
+             human("p_vs_baseline"): [lb.format_p(r.get("p_vs_baseline"),
+                                                  _significant(r.get("significant_vs_baseline"))) for r in rows],
+             human("params_total"): [lb.format_millions(r.get("params_total", np.nan)) for r in rows],
+             human("train_s_per_epoch"): [lb.format_number(r.get("train_s_per_epoch")) for r in rows],
+             "published (test-selected)": [lb.format_number(v) for v in _published_for(part, published)]}
     return pd.DataFrame(table)
 
 
@@ -270,7 +270,7 @@ def leaderboard_png(board: pd.DataFrame, published: pd.DataFrame, dataset: str) 
                 markerfacecolor="C0" if significant or baseline else "white")
         if not pd.isna(row["published"]):
             ax.plot(row["published"], y, marker="D", markersize=7, color="0.45", linestyle="none", zorder=3)
-        p = lb._p(row.get("p_vs_baseline"), significant)
+        p = lb.format_p(row.get("p_vs_baseline"), significant)
         if p:
             ax.annotate(f"p {p}" if p.startswith("<") else f"p = {p}", (1.01, y), xycoords=("axes fraction", "data"),
                         va="center", fontsize=8)
