@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from erc.models.blocks import (AttentionBlock, MaskedBiGRU, MaskedConv1d, _GRURecurrence, focal_loss, focal_losses,
-                               mean_symmetric_kl, stacked_attention, stacked_attention_weights, stacked_bigru,
-                               stacked_conv1d, symmetric_kl)
+                               StackedAttention, mean_symmetric_kl, stacked_attention, stacked_attention_weights,
+                               stacked_bigru, stacked_conv1d, symmetric_kl)
 from tests.fixtures import one_torch_thread
 
 MASK = torch.tensor([[True] * 6, [True, True, True, False, False, False], [True] + [False] * 5])
@@ -131,6 +131,34 @@ def test_stacked_attention_equals_each_block(self_attention):
     weights = stacked_attention_weights([blocks, blocks[::-1]])  # several calls' parameters stacked at once
     torch.testing.assert_close(stacked_attention(blocks[::-1], torch.stack(inputs[:2]), None, MASK, weights[1]),
                                stacked_attention(blocks[::-1], torch.stack(inputs[:2]), None, MASK))
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_stacked_attention_module_equals_the_blocks_it_is_built_from(self_attention):
+    """StackedAttention holds several calls' blocks' parameters stacked (copies of their values): in training mode,
+    with the same dropout draws, each call the same outputs as stacked_attention on its blocks, and the blocks'
+    gradients stacked."""
+    torch.manual_seed(0)
+    calls = [[AttentionBlock(8, 2, attn_dim=6, dropout=0.3, attn_dropout=0.2) for _ in range(2)] for _ in range(3)]
+    module = StackedAttention(calls)
+    query, context = torch.randn(2, 3, 6, 8), None if self_attention else torch.randn(2, 3, 6, 8)
+    weights = module.weights()
+    for c, blocks in enumerate(calls):
+        torch.manual_seed(c)
+        want = stacked_attention(blocks, query, context, MASK)
+        torch.manual_seed(c)
+        got = module(weights[c], query, context, MASK)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        (want * MASK[..., None]).sum().backward()
+        (got * MASK[..., None]).sum().backward(retain_graph=True)
+    for name, p in module.named_parameters():
+        assert p.shape == (3, *stacked_attention_weights([calls[0]])[0][name].shape), name
+    torch.testing.assert_close(module.qkv_weight.grad, torch.stack(
+        [torch.stack([torch.cat([b.q.weight.grad, b.k.weight.grad, b.v.weight.grad]) for b in blocks])
+         for blocks in calls]))
+    torch.testing.assert_close(module.norm_weight.grad.squeeze(2),
+                               torch.stack([torch.stack([b.norm.weight.grad for b in blocks]) for blocks in calls]))
+    assert module.qkv_weight.grad.abs().sum() > 0
 
 
 def test_stacked_attention_refuses_blocks_it_does_not_cover():

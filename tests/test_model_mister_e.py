@@ -39,7 +39,9 @@ def test_registered_with_the_paper_defaults():
     assert model.expert_names == ["speech", "text", "cross"]
     assert model.experts["text"].gru.gru.hidden_size == 512
     assert model.cross.speech_in.weight.shape == (1024, 2048)
-    assert model.cross.blocks[0].speech_from_text.q.weight.shape == (120, 1024)
+    attention = model.cross.attention  # (4 blocks x 2 steps, speech's and text's, ...); q, k, v stacked too
+    assert attention.qkv_weight.shape == (8, 2, 3 * 120, 1024) and attention.out_weight.shape == (8, 2, 1024, 120)
+    assert attention.heads == 3
     assert [layer.out_features for layer in model.gate.mlp if isinstance(layer, torch.nn.Linear)] == [10, 3]
 
 
@@ -136,7 +138,7 @@ def test_missing_modality_rows_are_masked(emotion_task):
     assert abs(float(present.losses["supcon"]) - float(before.losses["supcon"])) > 1e-6
 
 # Which parameter groups each loss term must reach (prefixes of parameter names); all others must get none.
-CONTRASTIVE_VIEW = ("cross.speech_in", "cross.text_in", "cross.blocks", "cross.speech_skip", "cross.text_skip")
+CONTRASTIVE_VIEW = ("cross.speech_in", "cross.text_in", "cross.attention", "cross.speech_skip", "cross.text_skip")
 REACHES = {
     "focal_mix": ("experts", "cross", "gate"),
     "focal_speech": ("experts.speech",),
@@ -159,10 +161,11 @@ def test_every_loss_term_reaches_exactly_its_parameters(mosi_task):
         grads = torch.autograd.grad(value, [p for _, p in named], retain_graph=True, allow_unused=True)
         for (name, _), g in zip(named, grads):
             reached = g is not None and g.abs().sum() > 0
-            if name.endswith(".k.bias"):
-                # A bias on every key shifts each query's scores by one constant: softmax ignores it.
-                assert g is None or g.abs().max() < 1e-6, (term, name)
-            elif name.startswith(REACHES[term]):
+            if name.endswith("attention.qkv_bias") and g is not None:
+                # A bias on every key (the middle third) shifts each query's scores by one constant: softmax
+                # ignores it.
+                assert g.unflatten(-1, (3, -1))[..., 1, :].abs().max() < 1e-6, (term, name)
+            if name.startswith(REACHES[term]):
                 assert reached and torch.isfinite(g).all(), (term, name)
             else:
                 assert not reached, (term, name)
@@ -198,3 +201,29 @@ def test_experts_batched_equal_each_expert_on_its_own(emotion_task):
             state = (expert.gru.packed(local, mask) + expert.skip(x)) * mask.unsqueeze(-1).float()
             torch.testing.assert_close(out.extras["expert_logits"][..., e, :][mask], expert.head(state)[mask],
                                        atol=1e-5, rtol=1e-5)
+
+
+def test_a_checkpoint_from_before_the_stacked_attention_loads(emotion_task):
+    """A state dict in the former layout (one q, k, v, out and norm per attention of each block) loads into the
+    stacked parameters and gives the saved model's outputs."""
+    saved = model_of(emotion_task.spec, seed=0).eval()
+    state = saved.state_dict()
+    A = SMALL["attn_dim"]
+    names = [("speech_from_text", "text_from_speech"), ("speech_self", "text_self")]
+    for c in range(2 * SMALL["cross_blocks"]):
+        block, pair = divmod(c, 2)
+        for g, name in enumerate(names[pair]):
+            at = f"cross.blocks.{block}.{name}"
+            for i, x in enumerate("qkv"):
+                state[f"{at}.{x}.weight"] = state["cross.attention.qkv_weight"][c, g, i * A:(i + 1) * A]
+                state[f"{at}.{x}.bias"] = state["cross.attention.qkv_bias"][c, g, 0, i * A:(i + 1) * A]
+            state[f"{at}.out.weight"] = state["cross.attention.out_weight"][c, g]
+            for layer, kind in [("out", "bias"), ("norm", "weight"), ("norm", "bias")]:
+                state[f"{at}.{layer}.{kind}"] = state[f"cross.attention.{layer}_{kind}"][c, g, 0]
+    for kind in ("qkv_weight", "qkv_bias", "out_weight", "out_bias", "norm_weight", "norm_bias"):
+        del state[f"cross.attention.{kind}"]
+    loaded = model_of(emotion_task.spec, seed=1).eval()
+    loaded.load_state_dict(state)  # strict: every former key used, none missing
+    batch = emotion_task.splits["train"].collate([0, 1, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).logits, saved(batch).logits, rtol=0, atol=0)

@@ -323,8 +323,16 @@ def stacked_attention(blocks: list[AttentionBlock], query: torch.Tensor, context
     attention-weight dropout as `Dropout`'s, rather than SDPA's bernoulli draw, several times slower on CPU);
     padded keys get no weight, so padding never reaches a real position."""
     w = weights if weights is not None else stacked_attention_weights([blocks])[0]
-    first, (G, B, T, D) = blocks[0], query.shape
-    H, A = first.heads, first.q.weight.shape[0]
+    first = blocks[0]
+    return _stacked_attention(w, first.heads, first.attn_dropout, first.dropout.p, first.norm.eps, first.training,
+                              query, context, mask)
+
+
+def _stacked_attention(w: dict[str, torch.Tensor], H: int, attn_dropout: float, dropout: float, eps: float,
+                       training: bool, query: torch.Tensor, context: torch.Tensor | None,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """`stacked_attention` from the stacked parameters `w` and the blocks' settings (H heads)."""
+    (G, B, T, D), A = query.shape, w["qkv_weight"].shape[-2] // 3
 
     def project(x: torch.Tensor, rows: slice) -> torch.Tensor:  # (G, B, T, D) -> (G, B * T, rows of q|k|v)
         return torch.baddbmm(w["qkv_bias"][..., rows], x.flatten(1, 2), w["qkv_weight"][:, rows].transpose(1, 2))
@@ -339,12 +347,42 @@ def stacked_attention(blocks: list[AttentionBlock], query: torch.Tensor, context
     key_bias = torch.zeros(B, T, 1, dtype=query.dtype, device=query.device).masked_fill_(~mask.unsqueeze(-1), -math.inf)
     key_bias = key_bias.unsqueeze(1).expand(G, B, H, T, 1).reshape(G * B * H, T, 1)
     scores = torch.baddbmm(key_bias, heads(k), heads(q).transpose(1, 2), alpha=(A // H) ** -0.5)
-    attention = _dropout(scores.softmax(-2), first.attn_dropout, first.training)  # (G*B*H, T keys, T queries)
+    attention = _dropout(scores.softmax(-2), attn_dropout, training)  # (G*B*H, T keys, T queries)
     attended = torch.bmm(attention.transpose(1, 2), heads(v)).view(G, B, H, T, -1).transpose(2, 3).reshape(G, B * T, A)
     out = torch.baddbmm(w["out_bias"], attended, w["out_weight"].transpose(1, 2))
-    x = query.flatten(1, 2) + _dropout(out, first.dropout.p, first.training)
-    x = torch.addcmul(w["norm_bias"], F.layer_norm(x, (D,), eps=first.norm.eps), w["norm_weight"])
+    x = query.flatten(1, 2) + _dropout(out, dropout, training)
+    x = torch.addcmul(w["norm_bias"], F.layer_norm(x, (D,), eps=eps), w["norm_weight"])
     return x.view(G, B, T, D)
+
+
+class StackedAttention(nn.Module):
+    """The AttentionBlocks of C `stacked_attention` calls of G blocks each (one shape), their parameters held
+    already stacked, (C, G, ...) per kind: a forward stacks no weights, the backward writes each kind's gradient
+    once, and the optimizer and the gradient clipping see six tensors for all the blocks, not ten per block (on a
+    CPU their per-tensor ops cost more than the arithmetic). Built from the blocks: their initial values, copied.
+
+    `weights()` gives each call's parameters, then `forward(weights()[c], query, context, mask)` is
+    `stacked_attention(calls[c], query, context, mask)`."""
+
+    def __init__(self, calls: list[list[AttentionBlock]]):
+        super().__init__()
+        first, self.calls = calls[0][0], len(calls)
+        self.heads, self.attn_dropout, self.dropout, self.eps = first.heads, first.attn_dropout, first.dropout.p, \
+            first.norm.eps
+        per_call = stacked_attention_weights(calls)
+        with torch.no_grad():
+            for name in per_call[0]:
+                self.register_parameter(name, nn.Parameter(torch.stack([w[name] for w in per_call])))
+
+    def weights(self) -> list[dict[str, torch.Tensor]]:
+        """Each call's parameters, (G, ...) views: one unbind per kind (its backward is one stack, not C copies)."""
+        per_kind = {name: p.unbind(0) for name, p in self.named_parameters(recurse=False)}
+        return [{name: v[c] for name, v in per_kind.items()} for c in range(self.calls)]
+
+    def forward(self, weights: dict[str, torch.Tensor], query: torch.Tensor, context: torch.Tensor | None,
+                mask: torch.Tensor) -> torch.Tensor:
+        return _stacked_attention(weights, self.heads, self.attn_dropout, self.dropout, self.eps, self.training,
+                                  query, context, mask)
 
 
 # ---------------------------------------------------------------- experts

@@ -50,10 +50,11 @@ Paper and code differ
 Choices where neither says
 - Optimisation is erc's pipeline's (params.yaml), not the paper's Adam lr 1e-5, 8 dialogues, 100 epochs,
   clip 1.0: those suit 2048-d LLM features on a GPU, not the small CPU runs here.
-- Attention uses the shared `AttentionBlock`: one Linear each for q, k, v (width -> 120) and one back
-  (120 -> width), LayerNorm eps 1e-5. The code chains Linear(1024 -> 120) into nn.MultiheadAttention's own
-  120 -> 120 in- and out-projections, then Linear(120 -> 1024), LayerNorm eps 1e-6: the same functions
-  (a product of linear maps is linear), with fewer parameters here.
+- Attention uses the shared `AttentionBlock`'s maths and initialisation (run in pairs, parameters held stacked:
+  `StackedAttention`): one Linear each for q, k, v (width -> 120) and one back (120 -> width), LayerNorm eps
+  1e-5. The code chains Linear(1024 -> 120) into nn.MultiheadAttention's own 120 -> 120 in- and
+  out-projections, then Linear(120 -> 1024), LayerNorm eps 1e-6: the same functions (a product of linear maps
+  is linear), with fewer parameters here.
 - Padding is masked everywhere (the released code has no mask at all): masked convolutions, packed GRUs,
   key-padding masks in every attention, SupCon and KL over real utterances only. Hence two scale
   differences from the code: the focal losses are means over labelled utterances (the code averages over
@@ -88,9 +89,8 @@ from torch import nn
 
 from erc.data.dialogues import IGNORE, Batch
 from erc.models import Gates, ModelOutput, ModelSpec, register
-from erc.models.blocks import (AttentionBlock, MaskedBiGRU, MaskedConv1d, focal_loss, focal_losses, mean_symmetric_kl,
-                               score_l1, stacked_attention, stacked_attention_weights, stacked_bigru, stacked_conv1d,
-                               supervised_contrastive)
+from erc.models.blocks import (AttentionBlock, MaskedBiGRU, MaskedConv1d, StackedAttention, focal_loss, focal_losses,
+                               mean_symmetric_kl, score_l1, stacked_bigru, stacked_conv1d, supervised_contrastive)
 
 SPEECH, TEXT = "audio", "text"  # erc's modality names for the paper's speech and text
 EXPERT_OF = {SPEECH: "speech", TEXT: "text"}
@@ -145,40 +145,25 @@ class ContextExpert(nn.Module):
         return state, self.head(state)
 
 
-class CrossModalBlock(nn.Module):
-    """Cross-attention both ways (each modality queries the other's block input), then self-attention."""
-
-    def __init__(self, config: MisterEConfig):
-        super().__init__()
-
-        def attention():
-            return AttentionBlock(config.width, config.heads, attn_dim=config.attn_dim, dropout=config.dropout,
-                                  attn_dropout=config.attn_dropout)
-
-        self.speech_from_text, self.text_from_speech = attention(), attention()
-        self.speech_self, self.text_self = attention(), attention()
-
-    def calls(self) -> list[list[AttentionBlock]]:
-        """The block's two steps, each a pair of attentions run as one (stacked_attention)."""
-        return [[self.speech_from_text, self.text_from_speech], [self.speech_self, self.text_self]]
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, weights: list[dict] | None = None) -> torch.Tensor:
-        """x: (2, B, T, width), speech then text (padded rows unspecified, see stacked_attention); `weights`: the
-        calls' stacked parameters (stacked_attention_weights)."""
-        (cross, own), (cross_w, own_w) = self.calls(), weights or stacked_attention_weights(self.calls())
-        x = stacked_attention(cross, x, x.flip(0), mask, cross_w)  # speech queries text, text queries speech
-        return stacked_attention(own, x, None, mask, own_w)
-
-
 class CrossModalExpert(nn.Module):
     """Speech (B, T, D_s) and text (B, T, D_t) -> their contrastive views (B, T, width) each, the fused
-    state (B, T, width) and logits (B, T, C)."""
+    state (B, T, width) and logits (B, T, C).
+
+    Each block is two steps, each a pair of attentions run as one (speech's, text's): cross-attention (speech
+    queries text, text queries speech, both from the block's input), then self-attention per modality. All the
+    blocks' attentions are created as AttentionBlocks in that order (block by block: speech from text, text from
+    speech, speech's self, text's self) and held stacked in `attention`, one call per step: (2 x blocks, 2, ...)."""
 
     def __init__(self, speech_dim: int, text_dim: int, config: MisterEConfig, num_classes: int):
         super().__init__()
         width = config.width
         self.speech_in, self.text_in = nn.Linear(speech_dim, width), nn.Linear(text_dim, width)
-        self.blocks = nn.ModuleList(CrossModalBlock(config) for _ in range(config.cross_blocks))
+
+        def attention():
+            return AttentionBlock(width, config.heads, attn_dim=config.attn_dim, dropout=config.dropout,
+                                  attn_dropout=config.attn_dropout)
+
+        self.attention = StackedAttention([[attention(), attention()] for _ in range(2 * config.cross_blocks)])
         self.speech_skip, self.text_skip = nn.Linear(speech_dim, width), nn.Linear(text_dim, width)
         self.norm = nn.LayerNorm(2 * width)
         self.fuse = nn.Linear(2 * width, width)
@@ -187,15 +172,41 @@ class CrossModalExpert(nn.Module):
     def forward(self, speech_x: torch.Tensor, text_x: torch.Tensor, mask: torch.Tensor):
         m = mask.unsqueeze(-1).to(speech_x.dtype)
         x = torch.stack([self.speech_in(speech_x), self.text_in(text_x)])  # (2, B, T, width)
-        # every block's attention parameters stacked at once (one op per kind, not one per attention)
-        weights = stacked_attention_weights([call for block in self.blocks for call in block.calls()])
-        for i, block in enumerate(self.blocks):
-            x = block(x, mask, weights[2 * i:2 * i + 2])
+        steps = iter(self.attention.weights())
+        for cross, own in zip(steps, steps):  # the blocks
+            x = self.attention(cross, x, x.flip(0), mask)  # speech queries text, text queries speech
+            x = self.attention(own, x, None, mask)
         speech, text = x.unbind(0)  # padded rows: masked just below
         speech = (speech + self.speech_skip(speech_x)) * m  # the contrastive views
         text = (text + self.text_skip(text_x)) * m
         state = F.relu(self.fuse(self.norm(torch.cat([text, speech], dim=-1))))  # (B, T, width)
         return speech, text, state, self.head(state)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint saved before the attentions were held stacked names each block's Linear and LayerNorm
+        # (`blocks.<i>.<speech_from_text|text_from_speech|speech_self|text_self>.<q|k|v|out|norm>.*`): the same
+        # values, stacked here as StackedAttention holds them, so that erc's earlier MiSTER-E checkpoints load.
+        old = f"{prefix}blocks."
+        if any(key.startswith(old) for key in state_dict):
+            def tensor(block, name, layer, kind):
+                return state_dict.pop(f"{old}{block}.{name}.{layer}.{kind}")
+
+            calls = [(block, pair) for block in range(self.attention.calls // 2)
+                     for pair in (("speech_from_text", "text_from_speech"), ("speech_self", "text_self"))]
+
+            def stacked(layer, kind):  # (calls, 2, ...), as StackedAttention holds it
+                def one(block, name):
+                    if layer == "qkv":
+                        return torch.cat([tensor(block, name, x, kind) for x in "qkv"])
+                    return tensor(block, name, layer, kind)
+
+                values = torch.stack([torch.stack([one(block, name) for name in pair]) for block, pair in calls])
+                return values if kind == "weight" and layer != "norm" else values.unsqueeze(2)
+
+            for layer in ("qkv", "out", "norm"):
+                for kind in ("weight", "bias"):
+                    state_dict[f"{prefix}attention.{layer}_{kind}"] = stacked(layer, kind)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Gate(nn.Module):
