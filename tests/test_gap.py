@@ -93,7 +93,9 @@ def test_a_one_seed_step_has_no_interval():
     first, p1 = step("validation-selected", 0.8, seeds=(0,))
     second, p2 = step("tuned", 0.6, offset=3)
     table = gap.row_table(gap.Row("sdt", "iemocap", 74.08, "paper", [first, second]), {**p1, **p2}, replicates=100)
-    assert table["interval"].iloc[2] == "none (one seed)" and np.isnan(table["low"].iloc[2])
+    assert table["interval"].iloc[2] == "none (the step above has one seed)" and np.isnan(table["low"].iloc[2])
+    table = gap.row_table(gap.Row("sdt", "iemocap", 74.08, "paper", [second, first]), {**p1, **p2}, replicates=100)
+    assert table["interval"].iloc[2] == "none (this step has one seed)" and np.isnan(table["low"].iloc[2])
 
 
 def test_a_row_without_a_published_figure_starts_at_its_first_run_and_states_its_test_selection(tmp_path):

@@ -144,7 +144,8 @@ def row_table(row: Row, predictions: dict[str, pd.DataFrame], *, replicates: int
             both = [previous, step]
             same_runs = [r["run_id"] for r in previous.runs] == [r["run_id"] for r in step.runs]
             if min(len(previous.runs), len(step.runs)) < 2 and not same_runs:
-                line.update(low=np.nan, high=np.nan, interval="none (one seed)")
+                alone = "this step" if len(step.runs) < 2 else "the step above"
+                line.update(low=np.nan, high=np.nan, interval=f"none ({alone} has one seed)")
             elif not same_runs and all(s.metric == "test_wf1" and all(r["run_id"] in confusions for r in s.runs) for s in both):
                 low, high = difference_interval(*(np.stack([confusions[r["run_id"]] for r in s.runs]) for s in both),
                                                 replicates=replicates)
