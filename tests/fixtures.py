@@ -9,7 +9,8 @@ The model tests share their common procedures here: `overfit` (train on one tiny
 training-mode loss of a model built after seeding), `shortest_and_longest` + `alone_and_padded` (a dialogue alone
 and padded next to a longer one), `pad` (more padded positions at the end of every dialogue), `missing_audio_batch`
 (the dialogue whose utterance has no audio, and that utterance's position) and `one_torch_thread` (torch on one
-intra-op thread).
+intra-op thread). The prediction and serving tests share `encoded_texts` (the tiny dataset's texts through an encoder,
+as a feature set) and `train_tiny_mister_e` (a real training run of MiSTER-E at tiny widths, tracked and registered).
 """
 
 from __future__ import annotations
@@ -220,6 +221,30 @@ def pad(batch: Batch, extra: int, junk: float = 0.0) -> Batch:
                  {m: grow(v, False) for m, v in batch.modality_mask.items()}, grow(batch.mask, False),
                  grow(batch.speakers, 0), grow(batch.labels, IGNORE), grow(batch.sentiment, IGNORE),
                  grow(batch.score, float("nan")), grow(batch.rows, -1))
+
+
+TINY_MISTER_E = {"width": 16, "attn_dim": 12, "heads": 3, "gru_layers": 1, "cross_blocks": 1}
+
+
+def encoded_texts(prepared, directory, name: str, spec: dict, **encode) -> None:
+    """The prepared dataset's texts through `spec`'s encoder, saved as the text feature set `name` in `directory`."""
+    from erc.features.text import encode_texts, load_encoder
+
+    table = canonical.load(prepared, feature_names=[]).table
+    values, _ = encode_texts(table["text"].tolist(), *load_encoder(spec["model"]), progress=False, **encode)
+    canonical.save_features(directory, canonical.FeatureSet(name, "text", values, ["tiny"], None, dict(spec)))
+
+
+def train_tiny_mister_e(prepared, root, inputs: dict, experiment: str, **train) -> tuple[str, dict]:
+    """MiSTER-E at tiny widths trained by erc's training code (Ray Train, local mode) on the feature sets under
+    root/features, tracked and registered in root/mlflow.db: the tracking URI and the run's result."""
+    from erc.training.driver import run  # Ray: imported by the tests that train, not by every model test
+
+    uri = f"sqlite:///{Path(root) / 'mlflow.db'}"
+    cfg = TrainConfig(dataset="tiny", prepared=str(prepared), feature_dirs=[str(Path(root) / "features")],
+                      inputs=dict(inputs), model="mister_e", model_config=dict(TINY_MISTER_E), batch_size=4,
+                      storage_path=str(Path(root) / "ray"), tracking_uri=uri, experiment=experiment, **train)
+    return uri, run(cfg)
 
 
 def missing_audio_batch(data, more: int = 0) -> tuple[Batch, int]:

