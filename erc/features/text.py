@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -155,7 +156,8 @@ def encode_texts(texts: list[str], tokenizer, model, *, batch_size: int = 64, ma
         ids = tokenizer(texts[first:first + 4096], truncation=True, max_length=max_length,
                         add_special_tokens=True)["input_ids"]
         lengths[first:first + len(ids)] = [len(x) for x in ids]
-        blocks.append(np.fromiter((t for x in ids for t in x), dtype=np.int32, count=int(sum(map(len, ids)))))
+        blocks.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32,
+                                  count=int(lengths[first:first + len(ids)].sum())))
     tokens = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
 
